@@ -1,0 +1,186 @@
+"""The one settings model: ``config.yaml`` plus ``ECASHBOT_`` environment overrides.
+
+Loaded once at start-up by :func:`load_config` and passed in; no other module reads the
+environment. ``GEMINI_API_KEY`` / ``GOOGLE_GEMINI_BASE_URL`` are left to the google-genai
+SDK, which reads them itself, unless ``gemini.api_key`` / ``gemini.base_url`` are set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from mint_client.tokens import normalize_mint_url
+from pricing import ModelPrice
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpConfig(_Section):
+    """The HTTP transport."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: largest request body (the chat messages), in bytes
+    max_body_bytes: int = Field(default=1_000_000, gt=0)
+    #: largest X-Cashu header we read; longer is refused before any parsing
+    max_token_bytes: int = Field(default=64_000, gt=0)
+
+
+class WalletConfig(_Section):
+    """Where the bot keeps its seed, proofs and payment record."""
+
+    path: Path = Path("./data")
+    #: timeout of one call to a mint, seconds
+    mint_timeout_s: float = Field(default=20.0, gt=0)
+
+
+class GeminiConfig(_Section):
+    """The google-genai client."""
+
+    #: None: the SDK reads GEMINI_API_KEY itself
+    api_key: str | None = None
+    #: None: the SDK reads GOOGLE_GEMINI_BASE_URL, else Google's endpoint
+    base_url: str | None = None
+    api_version: str | None = None
+    #: whole-call timeout (a stream included), seconds
+    timeout_s: float = Field(default=120.0, gt=0)
+    #: attempts per call before the payment is refunded (1 = no retry)
+    attempts: int = Field(default=1, ge=1, le=5)
+
+
+class ModelConfig(_Section):
+    """Price and limits of one model. Money is integer msat."""
+
+    input_msat_per_1k: int = Field(ge=0)
+    output_msat_per_1k: int = Field(ge=0)
+    request_msat: int = Field(default=0, ge=0)
+    max_output_tokens: int = Field(default=8192, gt=0)
+    #: thinking tokens allowed (billed as output, within the cap); 0 turns thinking off
+    thinking_budget: int = Field(default=0, ge=0)
+
+    def price(self) -> ModelPrice:
+        """The pure pricing view of this model."""
+        return ModelPrice(
+            input_msat_per_1k=self.input_msat_per_1k,
+            output_msat_per_1k=self.output_msat_per_1k,
+            request_msat=self.request_msat,
+            max_output_tokens=self.max_output_tokens,
+        )
+
+
+class LimitsConfig(_Section):
+    """What one paid request may be."""
+
+    #: a payment must buy at least this many output tokens, else it is refused unspent
+    min_output_tokens: int = Field(default=32, gt=0)
+    #: output tokens the 402 payment request asks for when the client set no max_tokens
+    default_output_tokens: int = Field(default=1024, gt=0)
+    #: largest question (all messages), in characters
+    max_input_chars: int = Field(default=200_000, gt=0)
+
+
+def _default_models() -> dict[str, ModelConfig]:
+    return {
+        "gemini-2.5-flash": ModelConfig(
+            input_msat_per_1k=300, output_msat_per_1k=2500, max_output_tokens=65536
+        ),
+        "gemini-2.5-flash-lite": ModelConfig(
+            input_msat_per_1k=100, output_msat_per_1k=400, max_output_tokens=65536
+        ),
+    }
+
+
+class Config(BaseSettings):
+    """Everything the bot can be told. See config.yaml for each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ECASHBOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    #: the allow-list of mints; the first is where the bot asks to be paid
+    mints: list[str] = Field(min_length=1)
+    unit: str = "sat"
+    default_model: str = "gemini-2.5-flash"
+    models: dict[str, ModelConfig] = Field(default_factory=_default_models)
+    http: HttpConfig = HttpConfig()
+    wallet: WalletConfig = WalletConfig()
+    gemini: GeminiConfig = GeminiConfig()
+    limits: LimitsConfig = LimitsConfig()
+    log_level: str = "INFO"
+
+    @field_validator("mints")
+    @classmethod
+    def _normalize_mints(cls, v: list[str]) -> list[str]:
+        out = [normalize_mint_url(u) for u in v]
+        if len(set(out)) != len(out):
+            raise ValueError("a mint is listed twice")
+        return out
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str) -> str:
+        if v != "sat":
+            raise ValueError("only 'sat' is supported")
+        return v
+
+    @model_validator(mode="after")
+    def _default_model_exists(self) -> Config:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in models")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment over the YAML file over defaults (init kwargs carry the YAML)."""
+        return (env_settings, init_settings)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message is one line naming the key."""
+
+
+def load_config(path: Path | None, **overrides: Any) -> Config:
+    """Read ``path`` (YAML; None for none), apply the environment, validate.
+
+    Raises :class:`ConfigError` with one line naming the first bad key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = YamlConfigSettingsSource(Config, yaml_file=path)()
+        except Exception as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        data.update(raw)
+    data.update(overrides)
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        raise ConfigError(f"config error at {key}: {err['msg']}{shown}") from None

@@ -1,0 +1,83 @@
+"""The daemon: builds every long-lived resource from the config, and closes it again.
+
+Resources are opened in order and closed in reverse, aiohttp's ``cleanup_ctx`` style:
+one HTTP session for all mint calls, one SQLite store, one model client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from bot.config import Config
+from bot.http import make_app, runner_args
+from bot.llm.gemini import Gemini
+from bot.pipeline import LLM, Pipeline
+from mint_client.protocol import MintRegistry
+from mint_client.store import ProofStore
+from mint_client.wallet import Wallet, load_or_create_seed
+
+log = logging.getLogger("ecashbot")
+
+
+@dataclass
+class Daemon:
+    """The running bot: its pipeline, wallet and (when enabled) HTTP listener."""
+
+    cfg: Config
+    pipeline: Pipeline
+    wallet: Wallet
+    http_url: str | None
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
+    """Start the bot from ``cfg``; on exit, let paid requests settle, then close all."""
+    async with contextlib.AsyncExitStack() as stack:
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=100))
+        )
+        store = ProofStore(cfg.wallet.path)
+        await store.open()
+        stack.push_async_callback(store.close)
+        mints = MintRegistry(session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s)
+        wallet = Wallet(store, mints, load_or_create_seed(cfg.wallet.path), cfg.unit)
+        model: LLM
+        if llm is None:
+            gemini = Gemini(cfg.gemini)
+            stack.push_async_callback(gemini.aclose)
+            model = gemini
+        else:
+            model = llm
+        pipeline = Pipeline(cfg, wallet, mints, model)
+        stack.push_async_callback(pipeline.drain)
+        http_url = None
+        if cfg.http.enabled:
+            runner = web.AppRunner(make_app(cfg, pipeline), handler_args=runner_args(cfg))
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, cfg.http.host, cfg.http.port)
+            await site.start()
+            port = _bound_port(runner)
+            http_url = f"http://{cfg.http.host}:{port}"
+            log.info("HTTP listening on %s", http_url)
+        yield Daemon(cfg=cfg, pipeline=pipeline, wallet=wallet, http_url=http_url)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise RuntimeError("HTTP site did not bind")
+
+
+async def serve_forever(cfg: Config) -> None:
+    """Run until cancelled (SIGINT/SIGTERM)."""
+    async with running(cfg):
+        await asyncio.Event().wait()

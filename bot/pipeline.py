@@ -1,0 +1,416 @@
+"""The one paid-request pipeline. Every transport feeds it; money logic lives only here.
+
+    accept payment -> quote -> cap -> answer -> settle -> change
+
+:meth:`Pipeline.start` does every check that spends nothing (size, model, token format,
+allow-list, unit, keysets, DLEQ, amount) and raises a :class:`PaymentError` if one
+fails: the payer keeps their token. Then the token is redeemed and the answer runs in a
+task of its own, so a client that goes away mid-answer can't interrupt the money: the
+payment is always settled, and its change or refund is always made and recorded.
+From the moment the token is redeemed, the payer gets either the answer and its change,
+or a refund token; never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bot.config import Config, ModelConfig
+from bot.errors import (
+    BadRequest,
+    MalformedToken,
+    PaymentError,
+    PaymentRequired,
+    RequestTooLarge,
+    Underpaid,
+    UnknownModel,
+)
+from bot.llm.gemini import Generation, Message, UpstreamError, Usage
+from mint_client.protocol import MintRegistry
+from mint_client.requests import PaymentRequest, Transport, encode_payment_request
+from mint_client.tokens import Token, parse_token
+from mint_client.wallet import Incoming, Wallet
+from pricing import (
+    Quote,
+    Settlement,
+    estimate_input_tokens,
+    input_fee_sat,
+    quote,
+    refund,
+    required_sat,
+    settle,
+)
+
+log = logging.getLogger("ecashbot.pipeline")
+
+
+class LLM(Protocol):
+    """What the pipeline needs of a model (bot.llm.gemini.Gemini is the real one)."""
+
+    label: str
+
+    def stream(self, gen: Generation) -> AsyncIterator[str | Usage]:
+        """Text deltas, then the final usage; raises UpstreamError."""
+        ...
+
+    async def generate(self, gen: Generation) -> tuple[str, Usage]:
+        """The whole answer and its usage; raises UpstreamError."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A question, as any transport hands it to the pipeline."""
+
+    messages: tuple[Message, ...]
+    model: str | None = None
+    max_tokens: int | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """How one paid request ended. ``change_token`` is the change, or the refund."""
+
+    request_id: str
+    model: str
+    settlement: Settlement
+    change_token: str | None
+    usage: Usage | None
+    error: str | None = None
+
+    @property
+    def refunded(self) -> bool:
+        """True when the answer failed and everything but the mint fee came back."""
+        return self.error is not None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of every paid request."""
+
+    receipt: Receipt
+
+
+Event = TextDelta | Finished
+
+
+@dataclass(slots=True)
+class _Prepared:
+    request_id: str
+    chat: ChatRequest
+    model: str
+    model_cfg: ModelConfig
+    incoming: Incoming
+    quote: Quote
+    transport: str
+
+
+@dataclass(eq=False)
+class Answer:
+    """A paid request in flight: read its events with ``async for``."""
+
+    request_id: str
+    model: str
+    quote: Quote
+    _events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    _redeemed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    receipt: Receipt | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self._events.get()
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+    async def result(self) -> tuple[str, Receipt]:
+        """Wait for the whole answer: its text and receipt."""
+        parts: list[str] = []
+        async for ev in self:
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            else:
+                return "".join(parts), ev.receipt
+        raise AssertionError("answer ended without a receipt")
+
+
+class Pipeline:
+    """Paid questions in, answers and change out."""
+
+    def __init__(self, cfg: Config, wallet: Wallet, mints: MintRegistry, llm: LLM) -> None:
+        self.cfg = cfg
+        self.wallet = wallet
+        self.mints = mints
+        self.llm = llm
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- before any money moves ---------------------------------------------------------
+
+    def _model(self, name: str | None) -> tuple[str, ModelConfig]:
+        model = name or self.cfg.default_model
+        model = model.removeprefix("models/")
+        cfg = self.cfg.models.get(model)
+        if cfg is None:
+            raise UnknownModel(
+                f"model {model!r} is not offered; choose one of: {', '.join(self.cfg.models)}"
+            )
+        return model, cfg
+
+    def _estimate_input(self, chat: ChatRequest) -> int:
+        if not chat.messages:
+            raise BadRequest("the request has no messages")
+        if not any(m.role == "user" and m.content.strip() for m in chat.messages):
+            raise BadRequest("the request has no question (no user message)")
+        chars = sum(len(m.content) for m in chat.messages)
+        if chars > self.cfg.limits.max_input_chars:
+            raise RequestTooLarge(
+                f"the question is {chars} characters; the limit is "
+                f"{self.cfg.limits.max_input_chars}"
+            )
+        size = sum(len(m.content.encode("utf-8")) for m in chat.messages)
+        return estimate_input_tokens(size, len(chat.messages))
+
+    def _wanted_output(self, chat: ChatRequest, model_cfg: ModelConfig) -> tuple[int, int]:
+        """(the output the 402 asks to pay for, the least output a payment must buy)."""
+        limits = self.cfg.limits
+        want = chat.max_tokens or limits.default_output_tokens
+        want = min(want, model_cfg.max_output_tokens)
+        least = min(limits.min_output_tokens, want)
+        return want, least
+
+    async def price_of(self, chat: ChatRequest, output_tokens: int | None = None) -> int:
+        """Sat to pay at the primary mint for ``chat`` (mint fee included, estimated)."""
+        _, model_cfg = self._model(chat.model)
+        est_in = self._estimate_input(chat)
+        want, _ = self._wanted_output(chat, model_cfg)
+        return await self._amount_with_fee(
+            model_cfg, est_in, want if output_tokens is None else output_tokens
+        )
+
+    async def _amount_with_fee(self, model_cfg: ModelConfig, est_in: int, out: int) -> int:
+        keyset = await self.mints.active_keyset(self.cfg.mints[0], self.cfg.unit)
+        base = required_sat(
+            model_cfg.price(), input_tokens_estimate=est_in, output_tokens=out, fee_sat=0
+        )
+        # a wallet usually pays with the binary decomposition of the amount: one
+        # proof per set bit, each costing input_fee_ppk
+        amount = base
+        for _ in range(8):
+            fee = input_fee_sat([keyset.input_fee_ppk] * max(1, amount.bit_count()))
+            if base + fee == amount:
+                break
+            amount = base + fee
+        return amount
+
+    def payment_request(
+        self, amount_sat: int, *, description: str, transports: Sequence[Transport] = ()
+    ) -> str:
+        """A NUT-18 payment request for ``amount_sat`` at any of our mints."""
+        return encode_payment_request(
+            PaymentRequest(
+                id=uuid.uuid4().hex[:16],
+                amount=amount_sat,
+                unit=self.cfg.unit,
+                single_use=True,
+                mints=tuple(self.cfg.mints),
+                description=description,
+                transports=tuple(transports),
+            )
+        )
+
+    async def start(
+        self,
+        chat: ChatRequest,
+        payment: str | Token | None,
+        *,
+        transport: str,
+        request_transports: Sequence[Transport] = (),
+    ) -> Answer:
+        """Check everything that spends nothing, redeem the token, start answering.
+
+        Raises a :class:`PaymentError` when the request is refused; unless it is
+        ``TokenSpent`` (or a pending mint answer), the payer's token was not spent.
+        """
+        request_id = uuid.uuid4().hex
+        model, model_cfg = self._model(chat.model)
+        est_in = self._estimate_input(chat)
+        want, least = self._wanted_output(chat, model_cfg)
+        if payment is None:
+            amount = await self._amount_with_fee(model_cfg, est_in, want)
+            raise PaymentRequired(
+                f"this answer costs up to {amount} sat (mint fee included): pay with a Cashu "
+                f"token from one of: {', '.join(self.cfg.mints)}",
+                amount_sat=amount,
+                payment_request=self.payment_request(
+                    amount, description=f"ecashbot: {model}", transports=request_transports
+                ),
+            )
+        if isinstance(payment, str):
+            if len(payment) > self.cfg.http.max_token_bytes:
+                raise RequestTooLarge(
+                    f"the token is {len(payment)} bytes; the limit is "
+                    f"{self.cfg.http.max_token_bytes}"
+                )
+            token = parse_token(payment, max_len=self.cfg.http.max_token_bytes)
+        else:
+            token = payment
+        incoming = await self.wallet.inspect(token)
+        q = quote(
+            model_cfg.price(),
+            paid_sat=incoming.amount_sat,
+            fee_sat=incoming.fee_sat,
+            input_tokens_estimate=est_in,
+            requested_max_tokens=want,
+        )
+        if incoming.amount_sat <= incoming.fee_sat or q.max_output_tokens < least:
+            need = await self._amount_with_fee(model_cfg, est_in, least)
+            need = max(
+                need,
+                required_sat(
+                    model_cfg.price(),
+                    input_tokens_estimate=est_in,
+                    output_tokens=least,
+                    fee_sat=incoming.fee_sat,
+                ),
+            )
+            raise Underpaid(
+                f"{incoming.amount_sat} sat is too little: with the mint fee of "
+                f"{incoming.fee_sat} sat it buys {q.max_output_tokens} output tokens; "
+                f"pay at least {need} sat. Your token was not spent.",
+                amount_sat=need,
+                payment_request=self.payment_request(
+                    need, description=f"ecashbot: {model}", transports=request_transports
+                ),
+            )
+        prep = _Prepared(request_id, chat, model, model_cfg, incoming, q, transport)
+        answer = Answer(request_id=request_id, model=model, quote=q)
+        task = asyncio.create_task(self._serve(prep, answer), name=f"paid-{request_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # the redeem runs in the task: if our caller is cancelled, the task goes on
+        await asyncio.shield(answer._redeemed)
+        return answer
+
+    # -- after the money moved ----------------------------------------------------------
+
+    async def _serve(self, prep: _Prepared, answer: Answer) -> None:
+        started = time.monotonic()
+        try:
+            await self.wallet.redeem(prep.incoming, prep.request_id, prep.transport)
+        except PaymentError as exc:
+            answer._redeemed.set_exception(exc)
+            return
+        except Exception as exc:
+            log.exception("payment %s: redeem failed unexpectedly", prep.request_id)
+            answer._redeemed.set_exception(
+                PaymentError(f"internal error while redeeming: {type(exc).__name__}")
+            )
+            return
+        answer._redeemed.set_result(None)
+
+        price = prep.model_cfg.price()
+        gen = Generation(
+            model=prep.model,
+            messages=prep.chat.messages,
+            max_output_tokens=prep.quote.max_output_tokens,
+            thinking_budget=prep.model_cfg.thinking_budget,
+        )
+        usage: Usage | None = None
+        error: str | None = None
+        try:
+            if prep.chat.stream:
+                async for item in self.llm.stream(gen):
+                    if isinstance(item, str):
+                        answer._events.put_nowait(TextDelta(item))
+                    else:
+                        usage = item
+            else:
+                text, usage = await self.llm.generate(gen)
+                answer._events.put_nowait(TextDelta(text))
+            if usage is None:
+                raise UpstreamError("model gave no usage")
+            s = settle(
+                price,
+                prep.quote,
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.output_tokens,
+            )
+        except UpstreamError as exc:
+            error = exc.message
+            s = refund(prep.quote)
+        except Exception as exc:
+            log.exception("payment %s: answer failed unexpectedly", prep.request_id)
+            error = f"internal error: {type(exc).__name__}"
+            s = refund(prep.quote)
+
+        try:
+            token = await self.wallet.settle(
+                prep.request_id,
+                charged_sat=s.charged_sat,
+                change_sat=s.change_sat,
+                refund=error is not None,
+            )
+        except Exception:
+            # the proofs stay reserved for this payment in the store; recovery makes the
+            # change from them later. Say so rather than pretend.
+            log.exception("payment %s: settlement failed", prep.request_id)
+            token = None
+            error = (error or "") + " (change could not be made now; it is kept for you)"
+        receipt = Receipt(
+            request_id=prep.request_id,
+            model=prep.model,
+            settlement=s,
+            change_token=token,
+            usage=usage,
+            error=error,
+        )
+        answer.receipt = receipt
+        answer._events.put_nowait(Finished(receipt))
+        log.info(
+            "paid request id=%s transport=%s model=%s in=%d out=%d paid=%d fee=%d "
+            "charged=%d change=%d outcome=%s latency_ms=%d",
+            prep.request_id,
+            prep.transport,
+            prep.model,
+            s.input_tokens,
+            s.output_tokens,
+            s.paid_sat,
+            s.fee_sat,
+            s.charged_sat,
+            s.change_sat,
+            "refunded" if error else "answered",
+            (time.monotonic() - started) * 1000,
+        )
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait for paid requests in flight to settle (at shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+
+def parse_token_or_none(text: str | None) -> str | None:
+    """Normalise an X-Cashu style value: None or blank means "no payment"."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not text:
+        return None
+    if not (text.startswith(("cashuA", "cashuB", "cashu:"))):
+        raise MalformedToken("X-Cashu must hold a cashuA or cashuB token")
+    return text

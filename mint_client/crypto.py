@@ -1,0 +1,173 @@
+"""Blind signatures (NUT-00), DLEQ (NUT-12) and deterministic secrets (NUT-13).
+
+A typed face over nutshell's ``cashu.core.crypto`` (which has no import side effects,
+unlike the rest of nutshell). Keys and points travel as hex strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from functools import lru_cache
+
+from bip32 import BIP32  # type: ignore[import-untyped]
+from cashu.core.crypto import b_dhke
+from cashu.core.crypto.secp import PrivateKey, PublicKey
+
+from mint_client.tokens import DLEQ, Proof
+
+
+def _pub(hex_point: str) -> PublicKey:
+    return PublicKey(bytes.fromhex(hex_point))
+
+
+@lru_cache(maxsize=65536)
+def hash_to_curve_hex(secret: str) -> str:
+    """Y = hash_to_curve(secret), compressed hex: the id of a proof at the mint (NUT-07)."""
+    point = b_dhke.hash_to_curve(secret.encode("utf-8"))
+    return str(point.format().hex())
+
+
+@dataclass(frozen=True, slots=True)
+class BlindedOutput:
+    """An output we asked the mint to sign, with what we need to unblind it."""
+
+    amount: int
+    keyset_id: str
+    secret: str
+    r: bytes
+    B_: str
+    counter: int | None = None
+
+    def to_mint_json(self) -> dict[str, object]:
+        """The BlindedMessage the mint's API takes."""
+        return {"amount": self.amount, "id": self.keyset_id, "B_": self.B_}
+
+
+def blind(secret: str, r: bytes, amount: int, keyset_id: str, counter: int | None) -> BlindedOutput:
+    """B_ = Y + r*G for ``secret`` with blinding factor ``r``."""
+    B_, _ = b_dhke.step1_alice(secret, PrivateKey(r))
+    return BlindedOutput(
+        amount=amount,
+        keyset_id=keyset_id,
+        secret=secret,
+        r=r,
+        B_=B_.format().hex(),
+        counter=counter,
+    )
+
+
+def verify_signature_dleq(output: BlindedOutput, C_: str, e: str, s: str, A: str) -> bool:
+    """Check the mint's DLEQ on a blind signature it returned to us (NUT-12, Alice)."""
+    try:
+        return bool(
+            b_dhke.alice_verify_dleq(
+                _pub(output.B_),
+                _pub(C_),
+                PrivateKey(bytes.fromhex(e)),
+                PrivateKey(bytes.fromhex(s)),
+                _pub(A),
+            )
+        )
+    except (ValueError, TypeError):
+        return False
+
+
+def unblind(output: BlindedOutput, C_: str, A: str, dleq: tuple[str, str] | None) -> Proof:
+    """C = C_ - r*A: turn the mint's blind signature into a proof we can spend or give."""
+    C = b_dhke.step3_alice(_pub(C_), PrivateKey(output.r), _pub(A))
+    return Proof(
+        amount=output.amount,
+        keyset_id=output.keyset_id,
+        secret=output.secret,
+        C=C.format().hex(),
+        dleq=DLEQ(e=dleq[0], s=dleq[1], r=output.r.hex()) if dleq else None,
+    )
+
+
+def verify_proof_dleq(proof: Proof, A: str) -> bool:
+    """Check a proof's own DLEQ (NUT-12, Carol): the mint with key ``A`` really signed it."""
+    d = proof.dleq
+    if d is None or d.r is None:
+        return False
+    try:
+        return bool(
+            b_dhke.carol_verify_dleq(
+                secret_msg=proof.secret,
+                r=PrivateKey(bytes.fromhex(d.r)),
+                C=_pub(proof.C),
+                e=PrivateKey(bytes.fromhex(d.e)),
+                s=PrivateKey(bytes.fromhex(d.s)),
+                A=_pub(A),
+            )
+        )
+    except (ValueError, TypeError):
+        return False
+
+
+def derive_secret(seed: bytes, keyset_id: str, counter: int) -> tuple[str, bytes]:
+    """NUT-13: the secret and blinding factor for ``counter`` in ``keyset_id``.
+
+    Version-01 keysets use the HMAC-SHA256 derivation; older hex keysets BIP32. Both are
+    what nutshell and cashu-ts do, so another NUT-13 wallet holding the seed can restore.
+    """
+    if keyset_id.startswith("01"):
+        base = (
+            b"Cashu_KDF_HMAC_SHA256"
+            + bytes.fromhex(keyset_id)
+            + counter.to_bytes(8, byteorder="big", signed=False)
+        )
+        secret = hmac.new(seed, base + b"\x00", hashlib.sha256).digest()
+        r = hmac.new(seed, base + b"\x01", hashlib.sha256).digest()
+        return secret.hex(), r
+    keyset_int = int.from_bytes(bytes.fromhex(keyset_id), "big") % (2**31 - 1)
+    path = f"m/129372'/0'/{keyset_int}'/{counter}'"
+    node = _bip32(seed)
+    secret = node.get_privkey_from_path(f"{path}/0")
+    r = node.get_privkey_from_path(f"{path}/1")
+    return bytes(secret).hex(), bytes(r)
+
+
+@lru_cache(maxsize=4)
+def _bip32(seed: bytes) -> BIP32:
+    return BIP32.from_seed(seed)
+
+
+def split_amount(amount: int) -> list[int]:
+    """The powers of two that sum to ``amount`` (its binary decomposition), ascending."""
+    if amount < 0:
+        raise ValueError("amount must be non-negative")
+    return [1 << i for i in range(amount.bit_length()) if amount >> i & 1]
+
+
+def change_friendly_split(amount: int) -> list[int]:
+    """Denominations summing to ``amount`` from which every value 0..amount can be paid.
+
+    1, 2, 4, ..., 2**k (all values up to 2**(k+1)-1) plus the binary decomposition of
+    the rest. Swapping a payment into these lets us give exact change from the
+    payment's own proofs, with no second swap and no second fee.
+    """
+    if amount < 0:
+        raise ValueError("amount must be non-negative")
+    ladder: list[int] = []
+    total = 0
+    while total + (1 << len(ladder)) <= amount:
+        total += 1 << len(ladder)
+        ladder.append(1 << (len(ladder)))
+    return sorted(ladder + split_amount(amount - total))
+
+
+def select_exact(amounts: list[int], target: int) -> list[int] | None:
+    """Indices of ``amounts`` summing to exactly ``target`` (greedy, largest first).
+
+    Exact for sets made by :func:`change_friendly_split`; None when greedy finds none.
+    """
+    order = sorted(range(len(amounts)), key=lambda i: amounts[i], reverse=True)
+    chosen: list[int] = []
+    left = target
+    for i in order:
+        if amounts[i] <= left:
+            chosen.append(i)
+            left -= amounts[i]
+    return chosen if left == 0 else None

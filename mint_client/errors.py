@@ -1,0 +1,100 @@
+"""The one exception tree of a paid request.
+
+Every error a payer can cause or meet is a :class:`PaymentError`. Each class carries,
+once, the HTTP status it maps to and whether the payer's token was left untouched, so
+the transports never decide money questions on their own. ``bot.errors`` adds the
+pipeline-level errors (underpayment, upstream failure, ...) to this same tree.
+"""
+
+from __future__ import annotations
+
+
+class PaymentError(Exception):
+    """Base of every error a paid request can end in."""
+
+    http_status: int = 400
+    #: a short stable code for machines (JSON ``error.code``)
+    code: str = "payment_error"
+    #: True when the payer's token was not spent by us: they still hold their money.
+    token_untouched: bool = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TokenError(PaymentError):
+    """The token can't be used as it is; it was not sent anywhere."""
+
+    code = "invalid_token"
+
+
+class MalformedToken(TokenError):
+    """Not a cashuA/cashuB token, or one that does not decode."""
+
+    code = "malformed_token"
+
+
+class UnsupportedToken(TokenError):
+    """A well-formed token we don't take (other unit, several mints, locked, ...)."""
+
+    code = "unsupported_token"
+
+
+class UntrustedMint(TokenError):
+    """The token names a mint that is not on the allow-list. We never contact it."""
+
+    code = "untrusted_mint"
+
+
+class UnknownKeyset(TokenError):
+    """A proof's keyset id matches none (or, for a short id, more than one) of the mint's."""
+
+    code = "unknown_keyset"
+
+
+class InvalidDLEQ(TokenError):
+    """A DLEQ proof is present and does not verify: the mint did not sign this proof."""
+
+    code = "invalid_dleq"
+
+
+class TokenSpent(PaymentError):
+    """The mint says (some of) the token's proofs are already spent."""
+
+    code = "token_spent"
+    token_untouched = False
+
+
+class MintError(PaymentError):
+    """The mint answered with an error we did not expect, or not at all."""
+
+    http_status = 502
+    code = "mint_error"
+
+    def __init__(self, message: str, mint_code: int | None = None) -> None:
+        super().__init__(message)
+        self.mint_code = mint_code
+
+
+class MintUnavailable(MintError):
+    """The mint could not be reached (connection refused, timeout)."""
+
+    http_status = 503
+    code = "mint_unavailable"
+
+
+class MalformedPaymentRequest(MalformedToken):
+    """A NUT-18 payment request (``creqA...``) that does not decode."""
+
+    code = "malformed_payment_request"
+
+
+class InvalidMintUrl(UntrustedMint, ValueError):
+    """Not an http(s) URL a mint could live at.
+
+    Also a :class:`ValueError`, so a pydantic validator that meets one in the config
+    reports it as a validation error.
+    """
+
+    code = "invalid_mint_url"

@@ -1,0 +1,240 @@
+"""Tokens in, change out: checking a payment, redeeming it with one swap, making change.
+
+A payment is swapped into the bot's own deterministic (NUT-13) outputs, split so that
+any change amount can be paid back from the payment's *own* proofs (see
+:func:`mint_client.crypto.change_friendly_split`). So making change needs no second
+swap and no second fee, and concurrent payments never compete for the same proofs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mint_client import crypto
+from mint_client.errors import (
+    InvalidDLEQ,
+    MintError,
+    MintUnavailable,
+    TokenSpent,
+    UnknownKeyset,
+    UnsupportedToken,
+)
+from mint_client.protocol import BlindSignature, Keyset, MintRegistry, MintRejected
+from mint_client.store import PaymentRecord, ProofStore
+from mint_client.tokens import Proof, Token, encode_token, expand_keyset_ids
+from pricing import input_fee_sat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A token that passed every check that needs no spending: ready to redeem."""
+
+    token: Token
+    mint: str
+    fee_sat: int
+    token_hash: str
+
+    @property
+    def amount_sat(self) -> int:
+        """Face value of the token."""
+        return self.token.amount
+
+
+def token_hash(proofs: Sequence[Proof]) -> str:
+    """A stable id of a payment token: sha256 over its sorted proof Ys."""
+    return hashlib.sha256("".join(sorted(p.Y() for p in proofs)).encode()).hexdigest()
+
+
+def load_or_create_seed(path: Path) -> bytes:
+    """The wallet's NUT-13 seed, kept in ``<path>/seed`` (created once, mode 0600)."""
+    path.mkdir(parents=True, exist_ok=True)
+    seed_file = path / "seed"
+    if not seed_file.exists():
+        fd = os.open(seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(64))
+    return bytes.fromhex(seed_file.read_text().strip())
+
+
+class Wallet:
+    """The bot's wallet: redeems payments at trusted mints and makes their change."""
+
+    def __init__(self, store: ProofStore, mints: MintRegistry, seed: bytes, unit: str) -> None:
+        self.store = store
+        self.mints = mints
+        self._seed = seed
+        self.unit = unit
+
+    async def inspect(self, token: Token) -> Incoming:
+        """Every check short of spending: trusted mint, unit, keysets, fee, DLEQ.
+
+        The allow-list is checked first, so an untrusted mint is never contacted.
+        """
+        mint = self.mints.check_trusted(token.mint)
+        if token.unit != self.unit:
+            raise UnsupportedToken(f"unit {token.unit!r} not accepted; pay in {self.unit!r}")
+        if not token.proofs:
+            raise UnsupportedToken("the token holds no proofs")
+        if len({p.secret for p in token.proofs}) != len(token.proofs):
+            raise UnsupportedToken("the token holds the same proof twice")
+        keysets = await self.mints.keysets(mint)
+        try:
+            token = expand_keyset_ids(token, [k.id for k in keysets])
+        except UnknownKeyset:
+            keysets = await self.mints.keysets(mint, refresh=True)
+            token = expand_keyset_ids(token, [k.id for k in keysets])
+        by_id: dict[str, Keyset] = {k.id: k for k in keysets}
+        for p in token.proofs:
+            ks = by_id[p.keyset_id]
+            if ks.unit != self.unit:
+                raise UnsupportedToken(f"keyset {p.keyset_id} is for unit {ks.unit!r}")
+            if p.dleq is not None:
+                keys = await self.mints.keys(mint, p.keyset_id)
+                A = keys.get(p.amount)
+                if A is None:
+                    raise UnsupportedToken(f"keyset {p.keyset_id} has no key for {p.amount}")
+                if not crypto.verify_proof_dleq(p, A):
+                    raise InvalidDLEQ("a proof's DLEQ does not verify: not signed by this mint")
+        fee = input_fee_sat([by_id[p.keyset_id].input_fee_ppk for p in token.proofs])
+        return Incoming(token=token, mint=mint, fee_sat=fee, token_hash=token_hash(token.proofs))
+
+    async def redeem(self, incoming: Incoming, payment_id: str, transport: str) -> list[Proof]:
+        """Swap the payment into our own proofs (one NUT-03 swap). Returns them, reserved.
+
+        The payment and the counters it uses are committed before the swap is sent. If
+        the answer is lost, the inputs' state (NUT-07) and a restore (NUT-09) tell what
+        happened; unresolved, the payment stays ``redeeming`` for recovery.
+        """
+        mint = incoming.mint
+        value = incoming.amount_sat - incoming.fee_sat
+        if value <= 0:
+            raise UnsupportedToken("the token is worth no more than the mint's fee")
+        keyset = await self.mints.active_keyset(mint, self.unit)
+        amounts = crypto.change_friendly_split(value)
+        start = await self.store.reserve_counters(keyset.id, len(amounts))
+        outputs = [
+            crypto.blind(
+                *crypto.derive_secret(self._seed, keyset.id, start + i), a, keyset.id, start + i
+            )
+            for i, a in enumerate(amounts)
+        ]
+        input_ys = [p.Y() for p in incoming.token.proofs]
+        await self.store.begin_payment(
+            PaymentRecord(
+                id=payment_id,
+                transport=transport,
+                mint=mint,
+                unit=self.unit,
+                token_hash=incoming.token_hash,
+                input_ys=input_ys,
+                paid_sat=incoming.amount_sat,
+                fee_sat=incoming.fee_sat,
+                keyset_id=keyset.id,
+                counter_start=start,
+                amounts=amounts,
+                status="redeeming",
+                charged_sat=None,
+                change_sat=None,
+                change_token=None,
+            )
+        )
+        api = self.mints.api(mint)
+        try:
+            signatures = await api.swap(incoming.token.proofs, outputs)
+            pairs = list(zip(outputs, signatures, strict=True))
+        except (TokenSpent, MintRejected):
+            await self.store.set_payment_status(payment_id, "failed")
+            raise
+        except MintError as exc:
+            pairs = await self._resolve_lost_swap(payment_id, mint, input_ys, outputs, exc)
+        proofs = await self._unblind(mint, pairs)
+        await self.store.add_redeemed_proofs(payment_id, mint, self.unit, proofs)
+        return proofs
+
+    async def _resolve_lost_swap(
+        self,
+        payment_id: str,
+        mint: str,
+        input_ys: list[str],
+        outputs: list[crypto.BlindedOutput],
+        cause: MintError,
+    ) -> list[tuple[crypto.BlindedOutput, BlindSignature]]:
+        """The swap's answer was lost: did the mint do it? NUT-07, then NUT-09 restore."""
+        api = self.mints.api(mint)
+        try:
+            states = await api.check_state(input_ys)
+        except MintError as exc:
+            log.warning("payment %s: swap outcome unknown, left for recovery", payment_id)
+            raise MintUnavailable(
+                "the mint did not answer; your payment is pending and will be resolved"
+            ) from exc
+        if all(states.get(y) == "UNSPENT" for y in input_ys):
+            await self.store.set_payment_status(payment_id, "failed")
+            raise cause
+        restored = await api.restore(outputs)
+        if len(restored) == len(outputs):
+            log.info("payment %s: swap answer lost, outputs restored", payment_id)
+            by_b = {o.B_: (o, s) for o, s in restored}
+            return [by_b[o.B_] for o in outputs]
+        if not restored and all(states.get(y) == "SPENT" for y in input_ys):
+            await self.store.set_payment_status(payment_id, "failed")
+            raise TokenSpent("this token was already spent")
+        raise MintUnavailable("the mint's swap is still pending; your payment will be resolved")
+
+    async def _unblind(
+        self, mint: str, pairs: list[tuple[crypto.BlindedOutput, BlindSignature]]
+    ) -> list[Proof]:
+        proofs: list[Proof] = []
+        for out, sig in pairs:
+            if sig.amount != out.amount or sig.keyset_id != out.keyset_id:
+                raise MintError("mint signed a different amount or keyset than asked")
+            A = (await self.mints.keys(mint, sig.keyset_id))[sig.amount]
+            if sig.dleq is not None and not crypto.verify_signature_dleq(
+                out, sig.C_, sig.dleq[0], sig.dleq[1], A
+            ):
+                raise MintError("the mint's DLEQ proof on our output does not verify")
+            proofs.append(crypto.unblind(out, sig.C_, A, sig.dleq))
+        return proofs
+
+    async def settle(
+        self, payment_id: str, *, charged_sat: int, change_sat: int, refund: bool = False
+    ) -> str | None:
+        """Keep ``charged_sat`` of the payment and hand back the rest as a cashuB token.
+
+        The change proofs are picked from the payment's own proofs, so this never
+        calls the mint. Returns None when there is no change.
+        """
+        rec = await self.store.payment(payment_id)
+        if rec is None:
+            raise MintError(f"unknown payment {payment_id}")
+        proofs = await self.store.proofs_of(payment_id)
+        chosen = crypto.select_exact([p.amount for p in proofs], change_sat)
+        if chosen is None:
+            raise MintError(f"payment {payment_id}: cannot make {change_sat} sat of change")
+        change = [proofs[i] for i in chosen]
+        token = (
+            encode_token(Token(mint=rec.mint, unit=rec.unit, proofs=tuple(change)))
+            if change
+            else None
+        )
+        await self.store.settle_payment(
+            payment_id,
+            status="refunded" if refund else "settled",
+            charged_sat=charged_sat,
+            change_ys=[p.Y() for p in change],
+            change_sat=change_sat,
+            change_token=token,
+        )
+        return token
+
+    async def balance_sat(self) -> dict[str, int]:
+        """What the bot holds (earned), by mint."""
+        return await self.store.balances("held")
