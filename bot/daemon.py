@@ -59,7 +59,7 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         stack.push_async_callback(pipeline.drain)
         http_url = None
         if cfg.http.enabled:
-            runner = web.AppRunner(make_app(cfg, pipeline), handler_args=runner_args(cfg))
+            runner = web.AppRunner(make_app(cfg, pipeline), **runner_args(cfg))
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, cfg.http.host, cfg.http.port)

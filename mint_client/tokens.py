@@ -31,6 +31,9 @@ from mint_client.errors import (
 #: Largest amount of one proof, and of a whole token: far above any real value, and
 #: sums stay inside a signed 64-bit integer wherever they are stored.
 MAX_AMOUNT = 2**62
+#: Longest proof secret taken: nutshell mints refuse longer ones (mint_max_secret_length),
+#: and it bounds what the Y cache can hold.
+MAX_SECRET_LEN = 1024
 
 _HEX_KEYSET_ID = re.compile(r"[0-9a-fA-F]{16}|[0-9a-fA-F]{66}")
 # Keyset ids before nutshell 0.15 were 12 base64 characters.
@@ -98,7 +101,7 @@ class Token:
         return sum(p.amount for p in self.proofs)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def _y_hex(secret: str) -> str:
     # The same proof is looked up several times per payment (hash, state, store).
     return str(hash_to_curve(secret.encode("utf-8")).format().hex())
@@ -293,6 +296,8 @@ def _secret(value: object) -> str:
     secret = _text(value, "a proof's secret")
     if not secret:
         raise MalformedToken("a proof's secret is empty")
+    if len(secret) > MAX_SECRET_LEN:
+        raise UnsupportedToken(f"a proof's secret is longer than {MAX_SECRET_LEN} characters")
     return secret
 
 
@@ -366,17 +371,22 @@ def _mint_url(value: object) -> str:
 def encode_token(token: Token) -> str:
     """Serialize as a V4 ``cashuB`` token, with DLEQs, v2 keyset ids in their short form.
 
+    A DLEQ without ``r`` is left out: no receiver could verify it.
+
     Raises :class:`UnsupportedToken` for a legacy base64 keyset id (V4 can't carry one)
     and ``ValueError`` if a hex field isn't hex: a :class:`Token` we built is never so.
     """
     groups: dict[str, list[dict[str, object]]] = {}
     for p in token.proofs:
         proof: dict[str, object] = {"a": p.amount, "s": p.secret, "c": bytes.fromhex(p.C)}
-        if p.dleq is not None:
-            d: dict[str, object] = {"e": bytes.fromhex(p.dleq.e), "s": bytes.fromhex(p.dleq.s)}
-            if p.dleq.r is not None:
-                d["r"] = bytes.fromhex(p.dleq.r)
-            proof["d"] = d
+        # Without r a receiver can't check the DLEQ, and nutshell refuses a token whose
+        # DLEQ lacks r: leave such a DLEQ out.
+        if p.dleq is not None and p.dleq.r is not None:
+            proof["d"] = {
+                "e": bytes.fromhex(p.dleq.e),
+                "s": bytes.fromhex(p.dleq.s),
+                "r": bytes.fromhex(p.dleq.r),
+            }
         if p.witness:
             proof["w"] = p.witness
         groups.setdefault(p.keyset_id, []).append(proof)

@@ -65,7 +65,10 @@ def test_serve_with_bad_config_exits_with_one_line(tmp_path: Path) -> None:
     p.write_text("mints: [http://127.0.0.1:3338]\nhttp:\n  port: seventy\n")
     out = subprocess.run(
         [sys.executable, "-m", "bot", "serve", "--config", str(p)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
