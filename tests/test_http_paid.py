@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -135,7 +136,13 @@ async def test_payment_caps_max_output_tokens(
     emu, url = emulator
     # 10 msat per output token: 20 sat (= 20_000 msat) buys at most 2000 output tokens,
     # minus the input; ask for a long answer so the cap binds
-    models = {"gemini-pricey": {"input_msat_per_1k": 1000, "output_msat_per_1k": 10_000}}
+    models = {
+        "gemini-pricey": {
+            "input_msat_per_1k": 1000,
+            "output_msat_per_1k": 10_000,
+            "thinking_budget": 100_000,
+        }
+    }
     cfg = bot_config(
         tmp_path / "bot", [mint.url], url, models=models, default_model="gemini-pricey"
     )
@@ -151,6 +158,8 @@ async def test_payment_caps_max_output_tokens(
         est_in = -(-len(question.encode()) // 3) + 4
         n_affordable = (20_000 - est_in * 1000 // 1000) * 1000 // 10_000
         assert 0 < cap <= n_affordable
+        # thinking is output too: its budget stays within the cap
+        assert sent[0].thinking_budget is not None and sent[0].thinking_budget <= cap
         assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["completion_tokens"] <= cap
         payment = body["payment"]
@@ -381,3 +390,16 @@ async def test_openai_client_with_x_cashu_header(
         last = chunk
     assert "".join(parts)
     assert last.model_extra["payment"]["change"].startswith("cashuB")
+
+
+async def test_models_and_health(running_bot: Daemon, mint: MintProcess) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{running_bot.http_url}/v1/models") as r:
+            assert r.status == 200
+            models = await r.json()
+        async with s.get(f"{running_bot.http_url}/health") as r:
+            assert (await r.json())["status"] == "ok"
+    ids = {m["id"]: m for m in models["data"]}
+    assert ids["gemini-2.5-flash"]["pricing"]["output_per_1k_tokens"] == 2500
+    assert models["payment"]["mints"] == [mint.url]
+    assert models["payment"]["unit"] == "sat"
