@@ -43,6 +43,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from nostr_sdk import Keys
+
+    keys = Keys.generate()
+    print(f"nsec: {keys.secret_key().to_bech32()}")
+    print(f"npub: {keys.public_key().to_bech32()}")
+    print("Put the nsec in config.yaml (nostr.nsec) or ECASHBOT_NOSTR__NSEC; keep it secret.")
+    return 0
+
+
 def _default_config() -> Path | None:
     p = Path("config.yaml")
     return p if p.exists() else None
@@ -52,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ecashbot`` console script."""
     parser = argparse.ArgumentParser(prog="ecashbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the bot (HTTP)")
+    serve = sub.add_parser("serve", help="run the bot (HTTP and Nostr DMs)")
     serve.add_argument("--config", help="path of config.yaml (default: ./config.yaml)")
     serve.set_defaults(func=_serve)
+    keys = sub.add_parser("keys", help="print a new Nostr key pair for the bot")
+    keys.set_defaults(func=_keys)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

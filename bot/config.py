@@ -91,6 +91,45 @@ class LimitsConfig(_Section):
     max_input_chars: int = Field(default=200_000, gt=0)
 
 
+class NostrConfig(_Section):
+    """The Nostr DM transport (NIP-17 gift wraps and NIP-04)."""
+
+    enabled: bool = False
+    #: the bot's key (nsec1... or hex); `ecashbot keys` makes one
+    nsec: str | None = None
+    #: relays to read DMs from and publish replies to (also listed in kind 10050)
+    relays: list[str] = Field(default_factory=list)
+    #: profile (kind 0) name; the about text is made from the prices
+    name: str = "ecashbot"
+    #: how far back to ask relays for DMs; NIP-17 wraps are backdated up to 2 days
+    lookback_s: int = Field(default=2 * 86400 + 3600, ge=0)
+    #: largest question in a DM, characters (the token not counted)
+    max_message_chars: int = Field(default=20_000, gt=0)
+    #: paid questions one sender may have in flight at once
+    max_concurrent_per_sender: int = Field(default=2, gt=0)
+    #: how long a reply that failed to send is retried, seconds
+    reply_ttl_s: int = Field(default=86400, gt=0)
+    #: the same for a reply that carries change or a refund
+    change_reply_ttl_s: int = Field(default=7 * 86400, gt=0)
+    #: seconds between retries of unsent replies
+    retry_interval_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("relays")
+    @classmethod
+    def _relay_urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"relay {url!r} must be a ws:// or wss:// URL")
+        return v
+
+
+class RedisConfig(_Section):
+    """Shared state (replay protection, rate limits, budget, statistics)."""
+
+    #: redis://host:port/db; null keeps the state embedded in this process (wallet.path)
+    url: str | None = None
+
+
 def _default_models() -> dict[str, ModelConfig]:
     return {
         "gemini-2.5-flash": ModelConfig(
@@ -121,6 +160,8 @@ class Config(BaseSettings):
     wallet: WalletConfig = WalletConfig()
     gemini: GeminiConfig = GeminiConfig()
     limits: LimitsConfig = LimitsConfig()
+    nostr: NostrConfig = NostrConfig()
+    redis: RedisConfig = RedisConfig()
     log_level: str = "INFO"
 
     @field_validator("mints")
@@ -142,6 +183,8 @@ class Config(BaseSettings):
     def _default_model_exists(self) -> Config:
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not in models")
+        if self.nostr.enabled and not (self.nostr.nsec and self.nostr.relays):
+            raise ValueError("nostr.enabled needs nostr.nsec and nostr.relays")
         return self
 
     @classmethod

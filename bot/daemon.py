@@ -18,7 +18,10 @@ from aiohttp import web
 from bot.config import Config
 from bot.http import make_app, runner_args
 from bot.llm.gemini import Gemini
+from bot.nostr import NostrTransport
+from bot.outbox import Outbox
 from bot.pipeline import LLM, Pipeline
+from bot.state import State, open_state
 from mint_client.protocol import MintRegistry
 from mint_client.store import ProofStore
 from mint_client.wallet import Wallet, load_or_create_seed
@@ -33,7 +36,9 @@ class Daemon:
     cfg: Config
     pipeline: Pipeline
     wallet: Wallet
+    state: State
     http_url: str | None
+    nostr: NostrTransport | None
 
 
 @contextlib.asynccontextmanager
@@ -43,6 +48,8 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=100))
         )
+        state = open_state(cfg.redis.url, cfg.wallet.path / "state.sqlite3")
+        stack.push_async_callback(state.close)
         store = ProofStore(cfg.wallet.path)
         await store.open()
         stack.push_async_callback(store.close)
@@ -67,7 +74,22 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             port = _bound_port(runner)
             http_url = f"http://{cfg.http.host}:{port}"
             log.info("HTTP listening on %s", http_url)
-        yield Daemon(cfg=cfg, pipeline=pipeline, wallet=wallet, http_url=http_url)
+        nostr = None
+        if cfg.nostr.enabled:
+            outbox = Outbox(cfg.wallet.path)
+            await outbox.open()
+            stack.push_async_callback(outbox.close)
+            nostr = NostrTransport(cfg, pipeline, state, outbox)
+            await nostr.start()
+            stack.push_async_callback(nostr.stop)
+        yield Daemon(
+            cfg=cfg,
+            pipeline=pipeline,
+            wallet=wallet,
+            state=state,
+            http_url=http_url,
+            nostr=nostr,
+        )
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -28,7 +28,9 @@ __all__ = [
     "MintUnavailable",
     "PaymentError",
     "PaymentRequired",
+    "RateLimited",
     "RequestTooLarge",
+    "ServiceUnavailable",
     "TokenError",
     "TokenSpent",
     "Underpaid",
@@ -67,6 +69,24 @@ class UnknownModel(BadRequest):
     """The model asked for is not sold here."""
 
     code = "unknown_model"
+
+
+class RateLimited(PaymentError):
+    """Too many requests from this payer for now. Nothing spent; try again later."""
+
+    http_status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(PaymentError):
+    """The bot can't take payments right now (its state store is down). Nothing spent."""
+
+    http_status = 503
+    code = "unavailable"
 
 
 class RequestTooLarge(BadRequest):

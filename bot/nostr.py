@@ -1,0 +1,486 @@
+"""The Nostr transport: DMs (NIP-17 gift wraps, NIP-04) in, answers and change out.
+
+It only translates: a DM becomes a :class:`~bot.pipeline.ChatRequest` plus its payment,
+and the pipeline's answer, receipt and change become DMs, in the scheme the question
+came in. Each DM is handled once across relays, processes and restarts (a persistent
+claim on its id); forged or undecryptable events are dropped; every reply goes through
+a durable outbox so a relay outage can't lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+from nostr_sdk import (
+    Authenticator,
+    Client,
+    ClientBuilder,
+    Event,
+    EventBuilder,
+    Filter,
+    Keys,
+    Kind,
+    Nip19Profile,
+    PublicKey,
+    RelayUrl,
+    ReqTarget,
+    Tag,
+    Timestamp,
+    UnwrappedGift,
+    nip17_make_private_msg,
+    uniffi_set_event_loop,
+)
+
+from bot.config import Config
+from bot.dm import DMRequest, error_text, parse_dm, price_text, receipt_line, split_message
+from bot.errors import PaymentError, PaymentRequired, RateLimited, RequestTooLarge
+from bot.llm.gemini import Message
+from bot.outbox import Outbox
+from bot.pipeline import ChatRequest, Pipeline
+from mint_client.requests import Transport, decode_payment_request, payload_to_token
+from mint_client.tokens import Token
+
+log = logging.getLogger("ecashbot.nostr")
+
+KIND_DM_NIP04 = 4
+KIND_SEAL = 13
+KIND_PRIVATE_MSG = 14
+KIND_GIFT_WRAP = 1059
+KIND_DM_RELAYS = 10050
+KIND_AUTH = 22242
+#: how long a question waits for the payment of the request we answered it with
+PENDING_QUESTION_TTL_S = 3600
+
+
+class Claims(Protocol):
+    """Replay protection: the first claimer of a key wins (bot.state implements it)."""
+
+    async def claim(self, key: str, ttl_s: int) -> bool:
+        """True for the first claimer of ``key`` until ``ttl_s`` passes."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingDM:
+    """A decrypted, authenticated DM."""
+
+    event_id: str
+    sender: str
+    text: str
+    scheme: str  # "nip17" | "nip04"
+
+
+class _Auth(Authenticator):  # type: ignore[misc]
+    """Answers relays' NIP-42 AUTH challenges with the bot's key."""
+
+    def __init__(self, keys: Keys) -> None:
+        self._keys = keys
+
+    async def make_auth_event(self, relay_url: RelayUrl, challenge: str) -> Event | None:
+        return (
+            EventBuilder(Kind(KIND_AUTH), "")
+            .tags([Tag.parse(["relay", str(relay_url)]), Tag.parse(["challenge", challenge])])
+            .finalize(self._keys)
+        )
+
+
+def _unwrap(keys: Keys, event: Event) -> IncomingDM | None:
+    """Decrypt a gift wrap or a NIP-04 DM; None when it is not a valid DM to us."""
+    kind = event.kind().as_u16()
+    if kind == KIND_GIFT_WRAP:
+        # from_gift_wrap checks the seal's signature and that the seal's author is
+        # the rumor's author: a forged sender raises here
+        gift = UnwrappedGift.from_gift_wrap(keys, event)
+        rumor = gift.rumor()
+        if rumor.kind().as_u16() != KIND_PRIVATE_MSG:
+            return None
+        if rumor.author().to_hex() != gift.sender().to_hex():
+            return None
+        return IncomingDM(
+            event_id=event.id().to_hex(),
+            sender=gift.sender().to_hex(),
+            text=rumor.content(),
+            scheme="nip17",
+        )
+    if kind == KIND_DM_NIP04:
+        if not event.verify():
+            return None
+        return IncomingDM(
+            event_id=event.id().to_hex(),
+            sender=event.author().to_hex(),
+            text=keys.nip04_decrypt(event.author(), event.content()),
+            scheme="nip04",
+        )
+    return None
+
+
+class NostrTransport:
+    """Reads DMs addressed to the bot and answers them through the pipeline."""
+
+    def __init__(self, cfg: Config, pipeline: Pipeline, claims: Claims, outbox: Outbox) -> None:
+        assert cfg.nostr.nsec is not None
+        self.cfg = cfg
+        self.ncfg = cfg.nostr
+        self.pipeline = pipeline
+        self.claims = claims
+        self.outbox = outbox
+        self.keys = Keys.parse(cfg.nostr.nsec)
+        self.pubkey = self.keys.public_key().to_hex()
+        self.client: Client | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[str, int] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        #: questions waiting for the payment of a NUT-18 request we sent:
+        #: request id -> (sender, model, question, when)
+        self._pending: OrderedDict[str, tuple[str, str | None, str, float]] = OrderedDict()
+        self._wake_outbox = asyncio.Event()
+
+    @property
+    def npub(self) -> str:
+        """The bot's public key, bech32."""
+        return str(self.keys.public_key().to_bech32())
+
+    def nprofile(self) -> str:
+        """The bot's nprofile (pubkey + relays), the target of its NUT-18 requests."""
+        relays = [RelayUrl.parse(u) for u in self.ncfg.relays]
+        return str(Nip19Profile(self.keys.public_key(), relays).to_bech32())
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, publish the profile and DM relay list, and start reading DMs."""
+        uniffi_set_event_loop(asyncio.get_running_loop())
+        client = (
+            ClientBuilder()
+            .notification_channel_size(65_536)
+            .authenticator(_Auth(self.keys))
+            .build()
+        )
+        for url in self.ncfg.relays:
+            await client.add_relay(RelayUrl.parse(url))
+        await client.connect(timedelta(seconds=5))
+        self.client = client
+        notifications = client.notifications()  # before subscribe, so nothing is missed
+        since = Timestamp.from_secs(int(time.time()) - self.ncfg.lookback_s)
+        me = self.keys.public_key()
+        await client.subscribe(
+            ReqTarget.auto(
+                [
+                    Filter().kind(Kind(KIND_GIFT_WRAP)).pubkey(me).since(since),
+                    Filter().kind(Kind(KIND_DM_NIP04)).pubkey(me).since(since),
+                ]
+            ),
+            id="ecashbot-dms",
+        )
+        self._spawn(self._read(notifications))
+        self._spawn(self._outbox_loop())
+        await self._publish_profile()
+        log.info("Nostr: listening as %s on %s", self.npub, ", ".join(self.ncfg.relays))
+
+    async def stop(self) -> None:
+        """Stop reading, let replies in flight go out, disconnect."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.shutdown()
+            self.client = None
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish_profile(self) -> None:
+        about = price_text(
+            models={
+                n: (m.input_msat_per_1k, m.output_msat_per_1k, m.request_msat)
+                for n, m in self.cfg.models.items()
+            },
+            mints=self.cfg.mints,
+            default_model=self.cfg.default_model,
+            bot_name=self.ncfg.name,
+        )
+        profile = EventBuilder(
+            Kind(0), json.dumps({"name": self.ncfg.name, "about": about, "bot": True})
+        ).finalize(self.keys)
+        relays = (
+            EventBuilder(Kind(KIND_DM_RELAYS), "")
+            .tags([Tag.parse(["relay", u]) for u in self.ncfg.relays])
+            .finalize(self.keys)
+        )
+        for ev in (profile, relays):
+            await self._publish(ev, recipient="", carries_change=False)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def _read(self, notifications: object) -> None:
+        stream = notifications
+        while True:
+            n = await stream.next()  # type: ignore[attr-defined]
+            if n is None or n.is_shutdown():
+                return
+            if n.is_new_event():
+                self._spawn(self._handle_event(n.event))
+
+    def _seen_before(self, event_id: str) -> bool:
+        """A per-process memory in front of the persistent claim (cheap for relay echoes)."""
+        if event_id in self._seen:
+            return True
+        self._seen[event_id] = None
+        if len(self._seen) > 100_000:
+            self._seen.popitem(last=False)
+        return False
+
+    async def _handle_event(self, event: Event) -> None:
+        event_id = event.id().to_hex()
+        if self._seen_before(event_id):
+            return
+        try:
+            dm = await asyncio.to_thread(_unwrap, self.keys, event)
+        except Exception as exc:
+            log.warning(
+                "Nostr: dropped event %s: cannot open it (%s)", event_id[:12], type(exc).__name__
+            )
+            return
+        if dm is None:
+            log.warning("Nostr: dropped event %s: not a valid DM to us", event_id[:12])
+            return
+        try:
+            first = await self.claims.claim(f"nostr:{event_id}", self.ncfg.lookback_s + 86400)
+        except Exception:
+            log.exception("Nostr: state unavailable; DM %s not handled", event_id[:12])
+            await self._reply(
+                dm,
+                "The bot is unavailable right now (its state store is "
+                "down). Nothing was charged; please try again in a minute.",
+            )
+            return
+        if not first:
+            return
+        await self._handle_dm(dm)
+
+    async def _handle_dm(self, dm: IncomingDM) -> None:
+        try:
+            req = parse_dm(dm.text)
+        except PaymentError as exc:
+            await self._reply(dm, error_text(exc))
+            return
+        if req.command in ("help", "price"):
+            await self._reply(dm, await self._price_reply())
+            return
+        if len(req.question) > self.ncfg.max_message_chars:
+            await self._reply(
+                dm,
+                error_text(
+                    RequestTooLarge(
+                        f"your question is {len(req.question)} characters; the limit is "
+                        f"{self.ncfg.max_message_chars}"
+                    )
+                ),
+            )
+            return
+        if self._active.get(dm.sender, 0) >= self.ncfg.max_concurrent_per_sender:
+            await self._reply(
+                dm,
+                error_text(
+                    RateLimited(
+                        "you have too many questions in flight; wait for an answer, then ask "
+                        "again.",
+                        retry_after_s=30,
+                    )
+                ),
+            )
+            return
+        self._active[dm.sender] = self._active.get(dm.sender, 0) + 1
+        try:
+            await self._ask(dm, req)
+        finally:
+            self._active[dm.sender] -= 1
+            if not self._active[dm.sender]:
+                del self._active[dm.sender]
+
+    async def _price_reply(self) -> str:
+        text = price_text(
+            models={
+                n: (m.input_msat_per_1k, m.output_msat_per_1k, m.request_msat)
+                for n, m in self.cfg.models.items()
+            },
+            mints=self.cfg.mints,
+            default_model=self.cfg.default_model,
+            bot_name=self.ncfg.name,
+        )
+        typical = ChatRequest(messages=(Message("user", "x" * 300),))
+        try:
+            amount = await self.pipeline.price_of(typical)
+        except PaymentError:
+            return text
+        creq = self.pipeline.payment_request(
+            amount, description="ecashbot question", transports=self._transports()
+        )
+        return f"{text}\n\nA typical answer costs about {amount} sat. Payment request:\n{creq}"
+
+    def _transports(self) -> list[Transport]:
+        return [Transport(type="nostr", target=self.nprofile(), tags=(("n", "17"),))]
+
+    async def _ask(self, dm: IncomingDM, req: DMRequest) -> None:
+        payment: str | Token | None = None
+        question, model = req.question, req.model
+        if req.payload is not None:
+            payment = payload_to_token(req.payload)
+            waiting = self._pending.pop(req.payload.id or "", None)
+            if (
+                waiting is not None
+                and waiting[0] == dm.sender
+                and time.time() - waiting[3] < PENDING_QUESTION_TTL_S
+                and not question
+            ):
+                _, model, question, _ = waiting
+        elif req.token is not None:
+            payment = req.token
+        if not question:
+            await self._reply(
+                dm,
+                "Send your question together with the token in one message. "
+                + ("Your token was not spent: you can still use it." if payment else ""),
+            )
+            return
+        chat = ChatRequest(messages=(Message("user", question),), model=model)
+        try:
+            answer = await self.pipeline.start(
+                chat, payment, transport="nostr", request_transports=self._transports()
+            )
+        except PaymentRequired as exc:
+            self._remember_question(exc, dm.sender, question, model)
+            await self._reply(
+                dm,
+                error_text(exc)
+                if payment
+                else (f"{await self._price_reply_short()}\n\n{error_text(exc)}"),
+            )
+            return
+        except PaymentError as exc:
+            await self._reply(dm, error_text(exc))
+            return
+        text, receipt = await answer.result()
+        s = receipt.settlement
+        if receipt.refunded:
+            await self._reply(
+                dm,
+                f"Sorry, the model failed ({receipt.error}). Nothing was charged: your "
+                f"{s.change_sat} sat come back in the next message (the mint kept its fee of "
+                f"{s.fee_sat} sat).",
+            )
+        else:
+            line = receipt_line(
+                input_tokens=s.input_tokens,
+                output_tokens=s.output_tokens,
+                charged_sat=s.charged_sat,
+                fee_sat=s.fee_sat,
+                change_sat=s.change_sat,
+                model=receipt.model,
+            )
+            for part in split_message(f"{text}\n\n{line}"):
+                await self._reply(dm, part)
+        if receipt.change_token:
+            await self._reply(dm, receipt.change_token, carries_change=True)
+
+    async def _price_reply_short(self) -> str:
+        return (
+            f"{self.ncfg.name} answers with Google Gemini for Cashu ecash. Send /help for "
+            "prices and mints."
+        )
+
+    def _remember_question(
+        self, exc: PaymentRequired, sender: str, question: str, model: str | None
+    ) -> None:
+        try:
+            req_id = decode_payment_request(exc.payment_request).id
+        except PaymentError:
+            return
+        if req_id:
+            self._pending[req_id] = (sender, model, question, time.time())
+            while len(self._pending) > 10_000:
+                self._pending.popitem(last=False)
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def _reply(self, dm: IncomingDM, text: str, *, carries_change: bool = False) -> None:
+        receiver = PublicKey.parse(dm.sender)
+        if dm.scheme == "nip17":
+            event = await asyncio.to_thread(nip17_make_private_msg, self.keys, receiver, text)
+        else:
+            event = (
+                EventBuilder(Kind(KIND_DM_NIP04), self.keys.nip04_encrypt(receiver, text))
+                .tags([Tag.public_key(receiver)])
+                .finalize(self.keys)
+            )
+        await self._publish(event, recipient=dm.sender, carries_change=carries_change)
+
+    async def _publish(self, event: Event, *, recipient: str, carries_change: bool) -> None:
+        """Write to the outbox, then try to send; the outbox loop retries failures."""
+        event_id = event.id().to_hex()
+        ttl = self.ncfg.change_reply_ttl_s if carries_change else self.ncfg.reply_ttl_s
+        await self.outbox.add(
+            event_id, event.as_json(), recipient, carries_change=carries_change, ttl_s=ttl
+        )
+        if not await self._send(event):
+            self._wake_outbox.set()
+
+    async def _send(self, event: Event) -> bool:
+        client = self.client
+        if client is None:
+            return False
+        event_id = event.id().to_hex()
+        try:
+            out = await client.send_event(event)
+        except Exception as exc:
+            log.info("Nostr: send of %s failed (%s); will retry", event_id[:12], exc)
+            await self.outbox.mark_attempt(event_id)
+            return False
+        if out.success:
+            await self.outbox.mark_sent(event_id)
+            return True
+        await self.outbox.mark_attempt(event_id)
+        return False
+
+    async def _outbox_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_outbox.wait(), self.ncfg.retry_interval_s)
+            self._wake_outbox.clear()
+            try:
+                for lost in await self.outbox.expire():
+                    level = logging.ERROR if lost.carries_change else logging.WARNING
+                    log.log(
+                        level,
+                        "Nostr: reply %s to %s expired unsent%s",
+                        lost.event_id[:12],
+                        lost.recipient[:12],
+                        " (it carried change: see the wallet's payment record)"
+                        if lost.carries_change
+                        else "",
+                    )
+                for item in await self.outbox.unsent():
+                    await self._send(Event.from_json(item.event_json))
+            except Exception:
+                log.exception("Nostr: outbox pass failed")
+
+
+async def run_transport(
+    cfg: Config, pipeline: Pipeline, claims: Claims, outbox: Outbox
+) -> Callable[[], Awaitable[None]]:
+    """Start the transport; returns its stop function."""
+    transport = NostrTransport(cfg, pipeline, claims, outbox)
+    await transport.start()
+    return transport.stop
