@@ -36,6 +36,9 @@ class HttpConfig(_Section):
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     #: largest X-Cashu header we read; longer is refused before any parsing
     max_token_bytes: int = Field(default=64_000, gt=0)
+    #: header holding the client address when behind a trusted reverse proxy
+    #: (e.g. X-Forwarded-For; its first address is used). null: the socket's peer
+    trusted_proxy_header: str | None = None
 
 
 class WalletConfig(_Section):
@@ -89,6 +92,37 @@ class LimitsConfig(_Section):
     default_output_tokens: int = Field(default=1024, gt=0)
     #: largest question (all messages), in characters
     max_input_chars: int = Field(default=200_000, gt=0)
+
+
+class RateLimitConfig(_Section):
+    """Token buckets per payer (Nostr pubkey, or client IP over HTTP)."""
+
+    #: requests a payer may burst
+    requests_capacity: int = Field(default=60, gt=0)
+    #: requests per second refilled
+    requests_per_s: float = Field(default=1.0, gt=0)
+    #: LLM tokens (input estimate + output cap) a payer may burst
+    tokens_capacity: int = Field(default=2_000_000, gt=0)
+    #: LLM tokens per second refilled
+    tokens_per_s: float = Field(default=2_000.0, gt=0)
+
+
+class BudgetConfig(_Section):
+    """A daily LLM-token budget (UTC days) that protects the operator's Gemini quota."""
+
+    #: tokens per UTC day over all models; null: no budget
+    daily_tokens: int | None = Field(default=None, gt=0)
+    #: tokens per UTC day for single models
+    per_model: dict[str, int] = Field(default_factory=dict)
+    #: tokens kept free under each limit (answers may use more than reserved)
+    safety_buffer: int = Field(default=0, ge=0)
+
+
+class OperatorConfig(_Section):
+    """What only the operator may see."""
+
+    #: bearer token for GET /v1/stats; null turns the endpoint off
+    token: str | None = None
 
 
 class NostrConfig(_Section):
@@ -160,6 +194,9 @@ class Config(BaseSettings):
     wallet: WalletConfig = WalletConfig()
     gemini: GeminiConfig = GeminiConfig()
     limits: LimitsConfig = LimitsConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    budget: BudgetConfig = BudgetConfig()
+    operator: OperatorConfig = OperatorConfig()
     nostr: NostrConfig = NostrConfig()
     redis: RedisConfig = RedisConfig()
     log_level: str = "INFO"

@@ -62,7 +62,7 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             model = gemini
         else:
             model = llm
-        pipeline = Pipeline(cfg, wallet, mints, model)
+        pipeline = Pipeline(cfg, wallet, mints, model, state)
         stack.push_async_callback(pipeline.drain)
         http_url = None
         if cfg.http.enabled:

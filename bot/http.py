@@ -9,17 +9,20 @@ from the pipeline.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import math
 import time
 from typing import Any
 
 from aiohttp import web
 
 from bot.config import Config
-from bot.errors import BadRequest, PaymentError, PaymentRequired
+from bot.errors import BadRequest, PaymentError, PaymentRequired, RateLimited
 from bot.llm.gemini import Message
 from bot.pipeline import Answer, ChatRequest, Finished, Pipeline, Receipt, parse_token_or_none
+from bot.state import StateUnavailable
 
 log = logging.getLogger("ecashbot.http")
 
@@ -113,9 +116,23 @@ def error_response(exc: PaymentError, request_id: str | None = None) -> web.Resp
         err["amount_sat"] = exc.amount_sat
         err["payment_request"] = exc.payment_request
         headers["X-Cashu"] = exc.payment_request
+    if isinstance(exc, RateLimited):
+        err["retry_after_s"] = exc.retry_after_s
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if request_id:
         headers["X-Request-Id"] = request_id
     return web.json_response({"error": err}, status=exc.http_status, headers=headers)
+
+
+def client_address(request: web.Request) -> str:
+    """The payer's address for rate limits: the socket peer, or the trusted proxy's header."""
+    header = request.app[CONFIG].http.trusted_proxy_header
+    if header:
+        value = request.headers.get(header, "")
+        first = value.split(",")[0].strip()
+        if first:
+            return f"ip:{first}"
+    return f"ip:{request.remote or 'unknown'}"
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -135,7 +152,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest("the body is not valid JSON") from exc
         chat = chat_request_from_openai(body)
-        answer = await pipeline.start(chat, parse_token_or_none(raw_token), transport="http")
+        answer = await pipeline.start(
+            chat, parse_token_or_none(raw_token), transport="http", payer=client_address(request)
+        )
     except PaymentError as exc:
         return error_response(exc)
     if chat.stream:
@@ -263,6 +282,32 @@ async def models(request: web.Request) -> web.Response:
     )
 
 
+async def stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats``: usage statistics and budget, for the operator (bearer token)."""
+    cfg = request.app[CONFIG]
+    token = cfg.operator.token
+    if not token:
+        raise web.HTTPNotFound(text="statistics are off (set operator.token)")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.json_response(
+            {"error": {"message": "operator token required", "code": "unauthorized"}},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    pipeline = request.app[PIPELINE]
+    try:
+        data = await pipeline.state.stats()
+        budget = {m: await pipeline.state.budget_left(m) for m in cfg.models}
+    except StateUnavailable:
+        return web.json_response(
+            {"error": {"message": "state store unavailable", "code": "unavailable"}}, status=503
+        )
+    data["budget_left"] = budget
+    data["wallet"] = {"held_sat": await pipeline.wallet.balance_sat()}
+    return web.json_response(data)
+
+
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: the process is up."""
     return web.json_response({"status": "ok"})
@@ -275,6 +320,7 @@ def make_app(cfg: Config, pipeline: Pipeline) -> web.Application:
     app[CONFIG] = cfg
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/stats", stats)
     app.router.add_get("/health", health)
     return app
 

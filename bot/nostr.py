@@ -358,7 +358,11 @@ class NostrTransport:
         chat = ChatRequest(messages=(Message("user", question),), model=model)
         try:
             answer = await self.pipeline.start(
-                chat, payment, transport="nostr", request_transports=self._transports()
+                chat,
+                payment,
+                transport="nostr",
+                payer=f"npub:{dm.sender}",
+                request_transports=self._transports(),
             )
         except PaymentRequired as exc:
             self._remember_question(exc, dm.sender, question, model)

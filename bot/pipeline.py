@@ -27,11 +27,15 @@ from bot.errors import (
     MalformedToken,
     PaymentError,
     PaymentRequired,
+    RateLimited,
     RequestTooLarge,
+    ServiceUnavailable,
+    TokenSpent,
     Underpaid,
     UnknownModel,
 )
 from bot.llm.gemini import Generation, Message, UpstreamError, Usage
+from bot.state import Reservation, State, StateUnavailable, UsageEvent
 from mint_client.protocol import MintRegistry
 from mint_client.requests import PaymentRequest, Transport, encode_payment_request
 from mint_client.tokens import Token, parse_token
@@ -108,6 +112,10 @@ class Finished:
 Event = TextDelta | Finished
 
 
+#: how long a redeemed token's claim is kept (replays are refused by the mint after that)
+TOKEN_CLAIM_TTL_S = 7 * 86400
+
+
 @dataclass(slots=True)
 class _Prepared:
     request_id: str
@@ -117,6 +125,8 @@ class _Prepared:
     incoming: Incoming
     quote: Quote
     transport: str
+    claim_key: str
+    reservation: Reservation | None
 
 
 @dataclass(eq=False)
@@ -153,12 +163,62 @@ class Answer:
 class Pipeline:
     """Paid questions in, answers and change out."""
 
-    def __init__(self, cfg: Config, wallet: Wallet, mints: MintRegistry, llm: LLM) -> None:
+    def __init__(
+        self, cfg: Config, wallet: Wallet, mints: MintRegistry, llm: LLM, state: State
+    ) -> None:
         self.cfg = cfg
         self.wallet = wallet
         self.mints = mints
         self.llm = llm
+        self.state = state
         self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- shared state: limits and budget, all before any money moves --------------------
+
+    async def _take(self, bucket: str, capacity: int, per_s: float, amount: int) -> None:
+        try:
+            r = await self.state.take(bucket, capacity=capacity, refill_per_s=per_s, amount=amount)
+        except StateUnavailable as exc:
+            raise ServiceUnavailable(
+                "the bot can't take payments right now (its state store is down); "
+                "nothing was charged, try again shortly"
+            ) from exc
+        if not r.allowed:
+            raise RateLimited(
+                f"too many requests; try again in {max(1, round(r.retry_after_s))} s",
+                retry_after_s=r.retry_after_s,
+            )
+
+    async def _reserve_budget(self, model: str, tokens: int) -> Reservation | None:
+        b = self.cfg.budget
+        model_limit = b.per_model.get(model)
+        if b.daily_tokens is None and model_limit is None:
+            return None
+        try:
+            res = await self.state.reserve_budget(
+                model,
+                tokens,
+                daily_limit=b.daily_tokens if b.daily_tokens is not None else 2**62,
+                model_limit=model_limit,
+                safety_buffer=b.safety_buffer,
+            )
+        except StateUnavailable as exc:
+            raise ServiceUnavailable("the bot's state store is down; nothing was charged") from exc
+        if res is None:
+            raise ServiceUnavailable(
+                f"today's budget for {model} is used up; it resets at 00:00 UTC. "
+                "Nothing was charged."
+            )
+        return res
+
+    async def _undo_before_money(self, prep: _Prepared) -> None:
+        """A request refused after its claim and reservation but before redeeming."""
+        try:
+            await self.state.release(prep.claim_key)
+            if prep.reservation is not None:
+                await self.state.settle_budget(prep.reservation, 0)
+        except StateUnavailable:
+            log.warning("payment %s: could not release its claim", prep.request_id)
 
     # -- before any money moves ---------------------------------------------------------
 
@@ -240,14 +300,18 @@ class Pipeline:
         payment: str | Token | None,
         *,
         transport: str,
+        payer: str,
         request_transports: Sequence[Transport] = (),
     ) -> Answer:
         """Check everything that spends nothing, redeem the token, start answering.
 
         Raises a :class:`PaymentError` when the request is refused; unless it is
         ``TokenSpent`` (or a pending mint answer), the payer's token was not spent.
+        ``payer`` (a Nostr pubkey or a client address) keys the rate limits.
         """
         request_id = uuid.uuid4().hex
+        rl = self.cfg.rate_limit
+        await self._take(f"req:{payer}", rl.requests_capacity, rl.requests_per_s, 1)
         model, model_cfg = self._model(chat.model)
         est_in = self._estimate_input(chat)
         want, least = self._wanted_output(chat, model_cfg)
@@ -298,7 +362,21 @@ class Pipeline:
                     need, description=f"ecashbot: {model}", transports=request_transports
                 ),
             )
-        prep = _Prepared(request_id, chat, model, model_cfg, incoming, q, transport)
+        llm_tokens = est_in + q.max_output_tokens
+        await self._take(f"tok:{payer}", rl.tokens_capacity, rl.tokens_per_s, llm_tokens)
+        reservation = await self._reserve_budget(model, llm_tokens)
+        claim_key = f"token:{incoming.token_hash}"
+        try:
+            first = await self.state.claim(claim_key, TOKEN_CLAIM_TTL_S)
+        except StateUnavailable as exc:
+            raise ServiceUnavailable("the bot's state store is down; nothing was charged") from exc
+        if not first:
+            if reservation is not None:
+                await self.state.settle_budget(reservation, 0)
+            raise TokenSpent("this token was already spent on an earlier question")
+        prep = _Prepared(
+            request_id, chat, model, model_cfg, incoming, q, transport, claim_key, reservation
+        )
         answer = Answer(request_id=request_id, model=model, quote=q)
         task = asyncio.create_task(self._serve(prep, answer), name=f"paid-{request_id}")
         self._tasks.add(task)
@@ -314,6 +392,8 @@ class Pipeline:
         try:
             await self.wallet.redeem(prep.incoming, prep.request_id, prep.transport)
         except PaymentError as exc:
+            if exc.token_untouched:
+                await self._undo_before_money(prep)
             answer._redeemed.set_exception(exc)
             return
         except Exception as exc:
@@ -372,6 +452,7 @@ class Pipeline:
             log.exception("payment %s: settlement failed", prep.request_id)
             token = None
             error = (error or "") + " (change could not be made now; it is kept for you)"
+        await self._account(prep, s, usage, refunded=error is not None)
         receipt = Receipt(
             request_id=prep.request_id,
             model=prep.model,
@@ -397,6 +478,31 @@ class Pipeline:
             "refunded" if error else "answered",
             (time.monotonic() - started) * 1000,
         )
+
+    async def _account(
+        self, prep: _Prepared, s: Settlement, usage: Usage | None, *, refunded: bool
+    ) -> None:
+        """Budget and statistics after the money moved: logged on failure, never refused."""
+        used = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
+        try:
+            if prep.reservation is not None:
+                await self.state.settle_budget(prep.reservation, used)
+            await self.state.record(
+                UsageEvent(
+                    transport=prep.transport,
+                    model=prep.model,
+                    input_tokens=usage.prompt_tokens if usage else 0,
+                    output_tokens=usage.output_tokens if usage else 0,
+                    thinking_tokens=usage.thoughts_tokens if usage else 0,
+                    charged_sat=s.charged_sat,
+                    change_sat=0 if refunded else s.change_sat,
+                    fee_sat=s.fee_sat,
+                    refunded=refunded,
+                    refund_sat=s.change_sat if refunded else 0,
+                )
+            )
+        except StateUnavailable:
+            log.warning("payment %s: statistics not recorded (state down)", prep.request_id)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for paid requests in flight to settle (at shutdown)."""

@@ -14,6 +14,7 @@ from nostr_sdk import Keys, NostrSdkError, UnwrappedGift, nip59_make_gift_wrap
 from tests.support.nostr_user import (
     NostrUser,
     PublishError,
+    ReceivedDM,
     make_forged_gift_wrap,
     make_gift_wrap,
 )
@@ -187,10 +188,16 @@ async def test_independent_relay_restart_keeps_events_and_users_reconnect(
 
         # The database survived: a newcomer with bob's key reads both DMs.
         # Stored wraps come newest wrap-timestamp first, and those are random (NIP-59).
-        wanted, seen = {"before the restart", "after the restart"}, set()
+        wanted = {"before the restart", "after the restart"}
+        seen: set[str] = set()
+
+        def got_both(dm: ReceivedDM) -> bool:
+            seen.add(dm.text)
+            return wanted <= seen
+
         bob_again = await NostrUser.create([relay.url], keys=bob.keys)
         try:
-            await bob_again.dms_until(lambda dm: seen.add(dm.text) or wanted <= seen, 10)
+            await bob_again.dms_until(got_both, timeout_s=10)
             assert seen == wanted
         finally:
             await bob_again.close()

@@ -231,6 +231,7 @@ class NostrUser:
         notifications: ClientNotificationStream,
         relay_urls: list[str],
         since: Timestamp,
+        retry_interval: timedelta = timedelta(seconds=DEFAULT_RETRY_INTERVAL_S),
     ) -> None:
         self.keys = keys
         self.client = client
@@ -246,6 +247,7 @@ class NostrUser:
         self._notifications = notifications
         self._queue: asyncio.Queue[ReceivedDM] = asyncio.Queue()
         self._seen: set[str] = set()
+        self._retry_interval = retry_interval
         self._pump: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -275,16 +277,14 @@ class NostrUser:
         client = builder.build()
         since = Timestamp.from_secs(Timestamp.now().as_secs() - lookback_s)
         # Take the stream before subscribing: it only carries what comes after.
-        user = cls(keys, client, client.notifications(), relay_urls, since)
-        user._retry_interval = timedelta(seconds=retry_interval_s)
+        retry = timedelta(seconds=retry_interval_s)
+        user = cls(keys, client, client.notifications(), relay_urls, since, retry)
         for url in relay_urls:
             await user._add_relay(url)
         await client.connect(timedelta(seconds=connect_timeout_s))
         user._pump = asyncio.create_task(user._run_pump(), name=f"nostr-user-{user.pubkey[:8]}")
         await client.subscribe(ReqTarget.auto(user.inbox_filters()), id=user.sub_id)
         return user
-
-    _retry_interval: timedelta = timedelta(seconds=DEFAULT_RETRY_INTERVAL_S)
 
     async def _add_relay(self, url: str) -> None:
         opts = RelayOptions().retry_interval(self._retry_interval).adjust_retry_interval(False)
@@ -330,12 +330,12 @@ class NostrUser:
     @property
     def pubkey(self) -> str:
         """The user's public key, hex."""
-        return self.keys.public_key().to_hex()
+        return str(self.keys.public_key().to_hex())
 
     @property
     def npub(self) -> str:
         """The user's public key, bech32 ``npub1...``."""
-        return self.keys.public_key().to_bech32()
+        return str(self.keys.public_key().to_bech32())
 
     def inbox_filters(self) -> list[Filter]:
         """Gift wraps and kind 4 DMs addressed to the user, from ``since`` on."""

@@ -1,14 +1,18 @@
 """Nostr relays for tests: nostr-sdk's in-process relay and an independent one.
 
 - :class:`LocalRelay`: nostr-sdk's own relay, in this process. Fast, for most tests; it
-  speaks the same dialect as the SDK under test, so it cannot catch interop bugs.
-- :class:`NostrRelayProcess`: the PyPI package ``nostr-relay`` (a Python relay by another
-  author, SQLite storage) in a subprocess, from a virtual environment of its own (it pins
-  dependencies that clash with ours). It persists events across restarts and can require
-  NIP-42 AUTH, like many public DM relays.
+  speaks the same dialect as the SDK under test, so it cannot catch interop bugs. It
+  refuses events over 64 KiB of JSON (not configurable from Python), like many public
+  relays: a NIP-17 DM of more than ~28 KB of text does not fit.
+- :class:`NostrRelayProcess`: the PyPI package ``nostr-relay`` 1.14 (a Python relay by
+  another author, SQLite storage) in a subprocess, from a virtual environment of its own
+  (its dependencies clash with ours), built once under ``~/.cache/ecashbot-test``. It
+  takes events up to 256 KiB of content, keeps them across restarts, and can require
+  NIP-42 AUTH.
 
-Fixtures (``local_relay``, ``independent_relay``, ``relay_factory``...) are at the end;
-import them into a conftest or test module.
+Fixtures: ``local_relay`` and ``independent_relay`` (shared by the session; don't stop
+them), ``local_relay_factory`` and ``independent_relay_factory`` (relays of the test's
+own, to restart, kill or make demand AUTH). Import them into a conftest or test module.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol
@@ -56,8 +59,8 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 VENV_TIMEOUT_S = 600.0
 
-#: Our relays take events up to this many characters of content (a NIP-17 gift wrap of a
-#: long answer is ~2.3x the text; nostr-relay's default is 4096).
+#: nostr-relay takes events up to this many characters of content (a NIP-17 gift wrap is
+#: ~2.2x its text; nostr-relay's default, 4096, refuses a DM of ~1.5 KB).
 DEFAULT_MAX_EVENT_SIZE = 256 * 1024
 
 # --- nostr-sdk's in-process relay -----------------------------------------------------
@@ -416,11 +419,12 @@ class NostrRelayProcess:
 
     Its database lives in ``data_dir`` and survives :meth:`stop`, :meth:`kill` and
     :meth:`restart`, which keep the port. ``auth_required=True`` turns on NIP-42: the
-    relay sends an AUTH challenge on connect; it accepts EVENTs and REQs only after the
-    client authenticated (any key will do), and serves DMs (kinds 4, 1059) only to the
-    key they are addressed to. Without AUTH the relay answers ``OK false "restricted:
-    permission denied"`` to an EVENT and a NOTICE of the same text to a REQ (not
-    ``auth-required:`` CLOSED messages as newer relays do).
+    relay sends an AUTH challenge on connect and accepts EVENTs and REQs only after the
+    client authenticated (any key will do); it serves DMs (kinds 4, 1059) only to the
+    key they are addressed to. Refusals are worded as current relays word them
+    (``OK false``/``CLOSED`` with ``auth-required:`` before AUTH, ``restricted:``
+    after), thanks to a small plugin: see ``_RELAY_PLUGIN`` for what nostr-relay itself
+    would send.
     """
 
     def __init__(
