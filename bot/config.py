@@ -147,6 +147,8 @@ class NostrConfig(_Section):
     change_reply_ttl_s: int = Field(default=7 * 86400, gt=0)
     #: seconds between retries of unsent replies
     retry_interval_s: float = Field(default=2.0, gt=0)
+    #: seconds between reconnection attempts to a relay that went away
+    reconnect_s: float = Field(default=2.0, gt=0)
 
     @field_validator("relays")
     @classmethod

@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import Protocol
 
 from nostr_sdk import (
-    Authenticator,
     Client,
     ClientBuilder,
     Event,
@@ -31,8 +30,10 @@ from nostr_sdk import (
     Kind,
     Nip19Profile,
     PublicKey,
+    RelayOptions,
     RelayUrl,
     ReqTarget,
+    SignerAuthenticator,
     Tag,
     Timestamp,
     UnwrappedGift,
@@ -56,7 +57,6 @@ KIND_SEAL = 13
 KIND_PRIVATE_MSG = 14
 KIND_GIFT_WRAP = 1059
 KIND_DM_RELAYS = 10050
-KIND_AUTH = 22242
 #: how long a question waits for the payment of the request we answered it with
 PENDING_QUESTION_TTL_S = 3600
 
@@ -73,24 +73,12 @@ class Claims(Protocol):
 class IncomingDM:
     """A decrypted, authenticated DM."""
 
+    #: the id of the message itself: the rumor's for NIP-17 (one rumor may come in
+    #: several wraps), the event's for NIP-04
     event_id: str
     sender: str
     text: str
     scheme: str  # "nip17" | "nip04"
-
-
-class _Auth(Authenticator):  # type: ignore[misc]
-    """Answers relays' NIP-42 AUTH challenges with the bot's key."""
-
-    def __init__(self, keys: Keys) -> None:
-        self._keys = keys
-
-    async def make_auth_event(self, relay_url: RelayUrl, challenge: str) -> Event | None:
-        return (
-            EventBuilder(Kind(KIND_AUTH), "")
-            .tags([Tag.parse(["relay", str(relay_url)]), Tag.parse(["challenge", challenge])])
-            .finalize(self._keys)
-        )
 
 
 def _unwrap(keys: Keys, event: Event) -> IncomingDM | None:
@@ -105,8 +93,11 @@ def _unwrap(keys: Keys, event: Event) -> IncomingDM | None:
             return None
         if rumor.author().to_hex() != gift.sender().to_hex():
             return None
+        rumor_id = rumor.id()
+        if rumor_id is None:
+            rumor_id = rumor.ensure_id().id()
         return IncomingDM(
-            event_id=event.id().to_hex(),
+            event_id=rumor_id.to_hex(),
             sender=gift.sender().to_hex(),
             text=rumor.content(),
             scheme="nip17",
@@ -162,11 +153,17 @@ class NostrTransport:
         client = (
             ClientBuilder()
             .notification_channel_size(65_536)
-            .authenticator(_Auth(self.keys))
+            .authenticator(SignerAuthenticator(self.keys))
             .build()
         )
+        # reconnect quickly after a relay outage (the SDK's default waits 10 s and more)
+        opts = (
+            RelayOptions()
+            .retry_interval(timedelta(seconds=self.ncfg.reconnect_s))
+            .adjust_retry_interval(False)
+        )
         for url in self.ncfg.relays:
-            await client.add_relay(RelayUrl.parse(url))
+            await client.add_relay(RelayUrl.parse(url), opts=opts)
         await client.connect(timedelta(seconds=5))
         self.client = client
         notifications = client.notifications()  # before subscribe, so nothing is missed
@@ -268,6 +265,16 @@ class NostrTransport:
             return
         if not first:
             return
+        if dm.event_id != event_id:
+            # the same rumor may come in another wrap: claim the message itself too
+            try:
+                if not await self.claims.claim(
+                    f"nostr:{dm.event_id}", self.ncfg.lookback_s + 86400
+                ):
+                    return
+            except Exception:
+                log.exception("Nostr: state unavailable; DM %s not handled", event_id[:12])
+                return
         await self._handle_dm(dm)
 
     async def _handle_dm(self, dm: IncomingDM) -> None:

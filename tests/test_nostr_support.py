@@ -23,18 +23,7 @@ from tests.support.relays import (
     LocalRelay,
     LocalRelayFactory,
     NostrRelayProcess,
-    independent_relay,
-    independent_relay_factory,
-    local_relay,
-    local_relay_factory,
 )
-
-__all__ = [  # fixtures, imported so pytest finds them
-    "independent_relay",
-    "independent_relay_factory",
-    "local_relay",
-    "local_relay_factory",
-]
 
 pytestmark = pytest.mark.timeout(120)  # the first run builds nostr-relay's venv
 
