@@ -317,8 +317,8 @@ class NostrTransport:
             if not self._active[dm.sender]:
                 del self._active[dm.sender]
 
-    async def _price_reply(self) -> str:
-        text = price_text(
+    def _prices(self) -> str:
+        return price_text(
             models={
                 n: (m.input_msat_per_1k, m.output_msat_per_1k, m.request_msat)
                 for n, m in self.cfg.models.items()
@@ -327,6 +327,9 @@ class NostrTransport:
             default_model=self.cfg.default_model,
             bot_name=self.ncfg.name,
         )
+
+    async def _price_reply(self) -> str:
+        text = self._prices()
         typical = ChatRequest(messages=(Message("user", "x" * 300),))
         try:
             amount = await self.pipeline.price_of(typical)
@@ -375,9 +378,7 @@ class NostrTransport:
             self._remember_question(exc, dm.sender, question, model)
             await self._reply(
                 dm,
-                error_text(exc)
-                if payment
-                else (f"{await self._price_reply_short()}\n\n{error_text(exc)}"),
+                error_text(exc) if payment else (f"{self._prices()}\n\n{error_text(exc)}"),
             )
             return
         except PaymentError as exc:
@@ -405,12 +406,6 @@ class NostrTransport:
                 await self._reply(dm, part)
         if receipt.change_token:
             await self._reply(dm, receipt.change_token, carries_change=True)
-
-    async def _price_reply_short(self) -> str:
-        return (
-            f"{self.ncfg.name} answers with Google Gemini for Cashu ecash. Send /help for "
-            "prices and mints."
-        )
 
     def _remember_question(
         self, exc: PaymentRequired, sender: str, question: str, model: str | None
