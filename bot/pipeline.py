@@ -340,7 +340,7 @@ class Pipeline:
             paid_sat=incoming.amount_sat,
             fee_sat=incoming.fee_sat,
             input_tokens_estimate=est_in,
-            requested_max_tokens=want,
+            requested_max_tokens=chat.max_tokens,
         )
         if incoming.amount_sat <= incoming.fee_sat or q.max_output_tokens < least:
             need = await self._amount_with_fee(model_cfg, est_in, least)

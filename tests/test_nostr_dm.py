@@ -293,3 +293,52 @@ async def test_bot_reconnects_after_relay_restart_and_answers(
         await alice.send_nip17(bot_keys.public_key().to_hex(), f"back again? {token}")
         answer, change = await answer_and_change(alice, timeout_s=30)
         accounted(answer, change, 200)
+
+
+async def test_works_with_a_relay_that_requires_auth(
+    local_relay_factory: LocalRelayFactory, mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    """NIP-42: the relay serves DMs only to their authenticated receiver."""
+    relay = await local_relay_factory(auth="both", auth_dm=True)
+    bot_keys = Keys.generate()
+    wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
+    await wallet.fund(500)
+    token = await wallet.send_token(200)
+    cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [relay.url], bot_keys)
+    async with nostr_bot(cfg), await NostrUser.create([relay.url]) as alice:
+        await alice.send_nip17(bot_keys.public_key().to_hex(), f"behind auth? {token}")
+        answer, change = await answer_and_change(alice, timeout_s=30)
+        accounted(answer, change, 200)
+
+
+async def test_a_long_answer_comes_in_numbered_parts(
+    local_relay: LocalRelay, mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    """LocalRelay refuses events over 64 KiB: a ~50 KB answer must be split to arrive."""
+    bot_keys = Keys.generate()
+    wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
+    await wallet.fund(500)
+    token = await wallet.send_token(300)
+    cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [local_relay.url], bot_keys)
+    async with nostr_bot(cfg), await NostrUser.create([local_relay.url]) as alice:
+        await alice.send_nip17(
+            bot_keys.public_key().to_hex(), f"a long one [emulator:words=12000] {token}"
+        )
+        parts: dict[str, str] = {}
+        change: list[str] = []
+        total = [0]
+
+        def done(dm: ReceivedDM) -> bool:
+            m = re.match(r"\((\d+)/(\d+)\) ", dm.text)
+            if m:
+                parts[m.group(1)] = dm.text[m.end() :]
+                total[0] = int(m.group(2))
+            elif dm.text.startswith("cashuB"):
+                change.append(dm.text)
+            return bool(change) and len(parts) == total[0] > 0
+
+        await alice.dms_until(done, 40)
+        assert len(parts) >= 2
+        answer = "".join(parts[str(i)] for i in range(1, len(parts) + 1))
+        assert len(answer.encode()) > 40_000
+        accounted(answer, change[0], 300)
