@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from bot.config import ConfigError, load_config
 
@@ -53,6 +56,92 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` until SIGINT/SIGTERM; a second signal does not interrupt the cleanup."""
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from bot.devstack import DevError, DevOptions, run_dev
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    opts = DevOptions(
+        http_port=args.port,
+        data_dir=Path(args.data) if args.data else None,
+        gemini_api_key=os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY"),
+        mint_fee_ppk=args.mint_fee_ppk,
+        tokens=args.tokens,
+        token_sat=args.amount,
+    )
+    # under `uv run`, the printed commands need it too
+    prefix = "uv run " if os.environ.get("UV") else ""
+    try:
+        _run_until_signalled(run_dev(opts, out=sys.stdout, run_prefix=prefix))
+    except ConfigError as exc:
+        print(f"ecashbot dev: {exc}", file=sys.stderr)
+        return 2
+    except (DevError, OSError) as exc:
+        print(f"ecashbot dev: {exc}", file=sys.stderr)
+        if isinstance(exc, OSError) and "address" in str(exc).lower():
+            print("ecashbot dev: is the port taken? --port 0 picks a free one", file=sys.stderr)
+        return 1
+    print("ecashbot dev: stopped", file=sys.stderr)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from bot.ask import ask_http, ask_nostr
+
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    if args.nostr:
+        if not args.to or not args.relay:
+            print("ecashbot ask: --nostr needs --to NPUB and --relay URL", file=sys.stderr)
+            return 2
+        coro = ask_nostr(
+            args.relay,
+            args.to,
+            args.question,
+            token,
+            out=sys.stdout,
+            model=args.model,
+            nsec=args.nsec,
+            timeout_s=args.timeout,
+        )
+    else:
+        coro = ask_http(
+            args.url,
+            args.question,
+            token,
+            out=sys.stdout,
+            model=args.model,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+        )
+    status, _ = asyncio.run(coro)
+    return status
+
+
 def _default_config() -> Path | None:
     p = Path("config.yaml")
     return p if p.exists() else None
@@ -67,6 +156,27 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     keys = sub.add_parser("keys", help="print a new Nostr key pair for the bot")
     keys.set_defaults(func=_keys)
+    dev = sub.add_parser(
+        "dev", help="the whole system on 127.0.0.1: mint, relay, bot, emulated Gemini"
+    )
+    dev.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free port)")
+    dev.add_argument("--data", help="keep mint, wallets and keys here (default: a temp dir)")
+    dev.add_argument("--mint-fee-ppk", type=int, default=100, help="the dev mint's input fee")
+    dev.add_argument("--tokens", type=int, default=4, help="funded test tokens to print")
+    dev.add_argument("--amount", type=int, default=1000, help="sat per test token")
+    dev.set_defaults(func=_dev)
+    ask = sub.add_parser("ask", help="pay a bot with a token and print its answer and change")
+    ask.add_argument("question")
+    ask.add_argument("--token", help="a cashuB/cashuA token to pay with ('-': read stdin)")
+    ask.add_argument("--url", default="http://127.0.0.1:8080", help="the bot's HTTP URL")
+    ask.add_argument("--model", help="a model the bot sells (default: the bot's default)")
+    ask.add_argument("--max-tokens", type=int, help="cap the answer further (HTTP)")
+    ask.add_argument("--nostr", action="store_true", help="ask by NIP-17 DM instead of HTTP")
+    ask.add_argument("--to", help="the bot's npub (with --nostr)")
+    ask.add_argument("--relay", action="append", help="relay URL (with --nostr; repeatable)")
+    ask.add_argument("--nsec", help="send from this key (default: a new throw-away key)")
+    ask.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    ask.set_defaults(func=_ask)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

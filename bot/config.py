@@ -47,6 +47,10 @@ class WalletConfig(_Section):
     path: Path = Path("./data")
     #: timeout of one call to a mint, seconds
     mint_timeout_s: float = Field(default=20.0, gt=0)
+    #: how long a payment's change can be fetched again (POST /v1/change, /change), seconds
+    change_pickup_ttl_s: int = Field(default=7 * 86400, gt=0)
+    #: seconds between passes that resolve payments a crash or a lost answer interrupted
+    recovery_interval_s: float = Field(default=60.0, gt=0)
 
 
 class GeminiConfig(_Section):

@@ -135,7 +135,7 @@ def price_text(
         "Accepted mints:",
         *[f"  {m}" for m in mints],
         "",
-        "Commands: /help, /price, /model NAME <question>, /change",
+        "Commands: /help, /price, /model NAME <question>, /change (your recent change again)",
     ]
     return "\n".join(lines)
 

@@ -22,6 +22,8 @@ from mint_client.errors import (
 
 __all__ = [
     "BadRequest",
+    "ChangeNotFound",
+    "ChangePending",
     "InvalidDLEQ",
     "MalformedToken",
     "MintError",
@@ -87,6 +89,20 @@ class ServiceUnavailable(PaymentError):
 
     http_status = 503
     code = "unavailable"
+
+
+class ChangeNotFound(PaymentError):
+    """No change is kept for that payment."""
+
+    http_status = 404
+    code = "change_not_found"
+
+
+class ChangePending(PaymentError):
+    """The payment is still being answered or resolved."""
+
+    http_status = 409
+    code = "change_pending"
 
 
 class RequestTooLarge(BadRequest):

@@ -158,9 +158,52 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except PaymentError as exc:
         return error_response(exc)
     if chat.stream:
-        return await _stream(request, answer)
-    text, receipt = await answer.result()
-    return _complete(answer, text, receipt)
+        resp = await _stream(request, answer)
+    else:
+        text, receipt = await answer.result()
+        resp = _complete(answer, text, receipt)
+        await resp.prepare(request)
+        await resp.write_eof()
+    # the change went out with the response (it also stays kept for POST /v1/change)
+    await pipeline.wallet.store.mark_delivered(answer.request_id)
+    return resp
+
+
+async def change(request: web.Request) -> web.Response:
+    """``POST /v1/change``: a payment's change or refund again, by token or request id."""
+    pipeline = request.app[PIPELINE]
+    request_id = request.headers.get("X-Request-Id")
+    if not request_id and request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("request_id"), str):
+            request_id = body["request_id"]
+    try:
+        got = await pipeline.pickup(token=request.headers.get("X-Cashu"), request_id=request_id)
+    except PaymentError as exc:
+        return error_response(exc)
+    rec = got.record
+    data: dict[str, Any] = {
+        "request_id": rec.id,
+        "status": rec.status,
+        "change": rec.change_token,
+        "change_sat": rec.change_sat,
+        "paid_sat": rec.paid_sat,
+        "fee_sat": rec.fee_sat,
+        "charged_sat": rec.charged_sat,
+        "refunded": rec.status == "refunded",
+        "already_received": got.spent,
+    }
+    headers = {"X-Request-Id": rec.id}
+    if rec.change_token:
+        headers["X-Cashu"] = rec.change_token
+    if got.spent:
+        data["message"] = "this change token was already received (its proofs are spent)"
+    elif not rec.change_token:
+        data["message"] = "this payment had no change"
+    return web.json_response(data, headers=headers)
 
 
 def _complete(answer: Answer, text: str, receipt: Receipt) -> web.Response:
@@ -320,6 +363,7 @@ def make_app(cfg: Config, pipeline: Pipeline) -> web.Application:
     app[CONFIG] = cfg
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/change", change)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/health", health)
     return app

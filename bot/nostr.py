@@ -48,6 +48,7 @@ from bot.llm.gemini import Message
 from bot.outbox import Outbox
 from bot.pipeline import ChatRequest, Pipeline
 from mint_client.requests import Transport, decode_payment_request, payload_to_token
+from mint_client.store import PaymentRecord
 from mint_client.tokens import Token
 
 log = logging.getLogger("ecashbot.nostr")
@@ -286,6 +287,9 @@ class NostrTransport:
         if req.command in ("help", "price"):
             await self._reply(dm, await self._price_reply())
             return
+        if req.command == "change":
+            await self._resend_change(dm)
+            return
         if len(req.question) > self.ncfg.max_message_chars:
             await self._reply(
                 dm,
@@ -340,6 +344,45 @@ class NostrTransport:
         )
         return f"{text}\n\nA typical answer costs about {amount} sat. Payment request:\n{creq}"
 
+    async def _resend_change(self, dm: IncomingDM) -> None:
+        """`/change`: the change tokens of the sender's recent payments that are unspent."""
+        since = time.time() - self.cfg.wallet.change_pickup_ttl_s
+        recs = await self.pipeline.wallet.store.payments_for(f"{dm.scheme}:{dm.sender}", since)
+        tokens: list[str] = []
+        for rec in recs:
+            if not rec.change_token:
+                continue
+            try:
+                got = await self.pipeline.pickup(token=None, request_id=rec.id)
+            except PaymentError:
+                continue
+            if not got.spent:
+                tokens.append(rec.change_token)
+        if not tokens:
+            await self._reply(dm, "No unspent change is kept for you.")
+            return
+        await self._reply(
+            dm, f"Here is the change of {len(tokens)} recent payment(s), one token per message."
+        )
+        for t in tokens:
+            await self._reply(dm, t, carries_change=True)
+
+    async def deliver_recovered(self, rec: PaymentRecord) -> None:
+        """Send a change or refund that a crash kept from its payer, then mark it delivered."""
+        if not rec.reply_to or not rec.change_token:
+            return
+        scheme, _, sender = rec.reply_to.partition(":")
+        dm = IncomingDM(event_id=rec.id, sender=sender, text="", scheme=scheme)
+        if rec.status == "refunded":
+            await self._reply(
+                dm,
+                "Sorry: your question was interrupted before it was answered (the bot "
+                f"restarted). Nothing was charged: your {rec.change_sat} sat come back in the "
+                "next message.",
+            )
+        await self._reply(dm, rec.change_token, carries_change=True)
+        await self.pipeline.wallet.store.mark_delivered(rec.id)
+
     def _transports(self) -> list[Transport]:
         return [Transport(type="nostr", target=self.nprofile(), tags=(("n", "17"),))]
 
@@ -372,6 +415,7 @@ class NostrTransport:
                 payment,
                 transport="nostr",
                 payer=f"npub:{dm.sender}",
+                reply_to=f"{dm.scheme}:{dm.sender}",
                 request_transports=self._transports(),
             )
         except PaymentRequired as exc:
@@ -406,6 +450,7 @@ class NostrTransport:
                 await self._reply(dm, part)
         if receipt.change_token:
             await self._reply(dm, receipt.change_token, carries_change=True)
+        await self.pipeline.wallet.store.mark_delivered(receipt.request_id)
 
     def _remember_question(
         self, exc: PaymentRequired, sender: str, question: str, model: str | None

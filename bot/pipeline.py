@@ -24,6 +24,8 @@ from typing import Protocol
 from bot.config import Config, ModelConfig
 from bot.errors import (
     BadRequest,
+    ChangeNotFound,
+    ChangePending,
     MalformedToken,
     PaymentError,
     PaymentRequired,
@@ -38,8 +40,9 @@ from bot.llm.gemini import Generation, Message, UpstreamError, Usage
 from bot.state import Reservation, State, StateUnavailable, UsageEvent
 from mint_client.protocol import MintRegistry
 from mint_client.requests import PaymentRequest, Transport, encode_payment_request
+from mint_client.store import PaymentRecord
 from mint_client.tokens import Token, parse_token
-from mint_client.wallet import Incoming, Wallet
+from mint_client.wallet import Incoming, Wallet, token_hash
 from pricing import (
     Quote,
     Settlement,
@@ -112,6 +115,14 @@ class Finished:
 Event = TextDelta | Finished
 
 
+@dataclass(frozen=True, slots=True)
+class Pickup:
+    """A payment's change fetched again; ``spent`` when the payer already received it."""
+
+    record: PaymentRecord
+    spent: bool
+
+
 #: how long a redeemed token's claim is kept (replays are refused by the mint after that)
 TOKEN_CLAIM_TTL_S = 7 * 86400
 
@@ -127,6 +138,7 @@ class _Prepared:
     transport: str
     claim_key: str
     reservation: Reservation | None
+    reply_to: str | None
 
 
 @dataclass(eq=False)
@@ -172,6 +184,8 @@ class Pipeline:
         self.llm = llm
         self.state = state
         self._tasks: set[asyncio.Task[None]] = set()
+        #: payment ids being served by this process: recovery leaves them alone
+        self._in_flight: set[str] = set()
 
     # -- shared state: limits and budget, all before any money moves --------------------
 
@@ -301,13 +315,15 @@ class Pipeline:
         *,
         transport: str,
         payer: str,
+        reply_to: str | None = None,
         request_transports: Sequence[Transport] = (),
     ) -> Answer:
         """Check everything that spends nothing, redeem the token, start answering.
 
         Raises a :class:`PaymentError` when the request is refused; unless it is
         ``TokenSpent`` (or a pending mint answer), the payer's token was not spent.
-        ``payer`` (a Nostr pubkey or a client address) keys the rate limits.
+        ``payer`` (a Nostr pubkey or a client address) keys the rate limits; ``reply_to``
+        says where a refund goes if a crash interrupts the answer (None: kept for pickup).
         """
         request_id = uuid.uuid4().hex
         rl = self.cfg.rate_limit
@@ -375,12 +391,27 @@ class Pipeline:
                 await self.state.settle_budget(reservation, 0)
             raise TokenSpent("this token was already spent on an earlier question")
         prep = _Prepared(
-            request_id, chat, model, model_cfg, incoming, q, transport, claim_key, reservation
+            request_id,
+            chat,
+            model,
+            model_cfg,
+            incoming,
+            q,
+            transport,
+            claim_key,
+            reservation,
+            reply_to,
         )
         answer = Answer(request_id=request_id, model=model, quote=q)
         task = asyncio.create_task(self._serve(prep, answer), name=f"paid-{request_id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._in_flight.add(request_id)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._in_flight.discard(request_id)
+
+        task.add_done_callback(done)
         # the redeem runs in the task: if our caller is cancelled, the task goes on
         await asyncio.shield(answer._redeemed)
         return answer
@@ -390,7 +421,9 @@ class Pipeline:
     async def _serve(self, prep: _Prepared, answer: Answer) -> None:
         started = time.monotonic()
         try:
-            await self.wallet.redeem(prep.incoming, prep.request_id, prep.transport)
+            await self.wallet.redeem(
+                prep.incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
+            )
         except PaymentError as exc:
             if exc.token_untouched:
                 await self._undo_before_money(prep)
@@ -503,6 +536,65 @@ class Pipeline:
             )
         except StateUnavailable:
             log.warning("payment %s: statistics not recorded (state down)", prep.request_id)
+
+    # -- after a crash, and for payers who lost their change -----------------------------
+
+    async def recover(self, min_age_s: float) -> list[PaymentRecord]:
+        """Resolve interrupted payments; return those whose change must be sent again.
+
+        Refunds interrupted answers, restores lost swaps, releases the replay claim of
+        tokens that were never spent, and lists DM payments whose change or refund was
+        never handed to the transport.
+        """
+        report = await self.wallet.recover(busy=set(self._in_flight), min_age_s=min_age_s)
+        for rec in report.released:
+            try:
+                await self.state.release(f"token:{rec.token_hash}")
+            except StateUnavailable:
+                log.warning("payment %s: claim not released (state down)", rec.id)
+        now = time.time()
+        return [
+            r
+            for r in await self.wallet.store.payments_in("settled", "refunded")
+            if r.reply_to
+            and r.change_token
+            and r.delivered_at is None
+            and r.id not in self._in_flight
+            and now - r.created_at >= min_age_s
+        ]
+
+    async def pickup(self, *, token: str | None, request_id: str | None) -> Pickup:
+        """The change (or refund) of an earlier payment, again (POST /v1/change).
+
+        Found by the payment token the payer sent, or by the request id they were given.
+        """
+        rec: PaymentRecord | None = None
+        if request_id:
+            rec = await self.wallet.store.payment(request_id)
+        elif token:
+            found = await self.wallet.store.payments_by_token(
+                token_hash(parse_token(token, max_len=self.cfg.http.max_token_bytes).proofs)
+            )
+            rec = next((r for r in found if r.status != "failed"), None)
+        else:
+            raise BadRequest("send the payment token in X-Cashu, or the request id")
+        ttl = self.cfg.wallet.change_pickup_ttl_s
+        if rec is None or rec.status == "failed" or time.time() - rec.created_at > ttl:
+            raise ChangeNotFound(
+                "no change is kept for this payment (unknown, never redeemed, or older than "
+                f"{ttl // 86400} days)"
+            )
+        if rec.status in ("redeeming", "redeemed"):
+            raise ChangePending(
+                "this payment is still being answered or resolved; ask again in a minute"
+            )
+        spent = False
+        if rec.change_token:
+            change = parse_token(rec.change_token)
+            states = await self.mints.api(rec.mint).check_state(p.Y() for p in change.proofs)
+            spent = bool(states) and all(v == "SPENT" for v in states.values())
+        await self.wallet.store.count_pickup(rec.id)
+        return Pickup(record=rec, spent=spent)
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Wait for paid requests in flight to settle (at shutdown)."""

@@ -48,9 +48,14 @@ CREATE TABLE IF NOT EXISTS payments (
     charged_sat   INTEGER,
     change_sat    INTEGER,
     change_token  TEXT,
+    reply_to      TEXT,
+    delivered_at  REAL,
+    pickups       INTEGER NOT NULL DEFAULT 0,
     updated_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS payments_token ON payments(token_hash);
+CREATE INDEX IF NOT EXISTS payments_status ON payments(status);
+CREATE INDEX IF NOT EXISTS payments_reply_to ON payments(reply_to, created_at);
 CREATE TABLE IF NOT EXISTS proofs (
     y          TEXT PRIMARY KEY,
     mint       TEXT NOT NULL,
@@ -90,6 +95,43 @@ class PaymentRecord:
     charged_sat: int | None
     change_sat: int | None
     change_token: str | None
+    #: where to deliver the change again after a crash ("nip17:<hex pubkey>", ...); None
+    #: for HTTP, whose change waits for pickup
+    reply_to: str | None = None
+    created_at: float = 0.0
+    delivered_at: float | None = None
+    pickups: int = 0
+
+
+_PAYMENT_COLUMNS = (
+    "id, transport, mint, unit, token_hash, input_ys, paid_sat, fee_sat, keyset_id, "
+    "counter_start, amounts, status, charged_sat, change_sat, change_token, reply_to, "
+    "created_at, delivered_at, pickups"
+)
+
+
+def _row_payment(row: Sequence[Any]) -> PaymentRecord:
+    return PaymentRecord(
+        id=row[0],
+        transport=row[1],
+        mint=row[2],
+        unit=row[3],
+        token_hash=row[4],
+        input_ys=json.loads(row[5]),
+        paid_sat=row[6],
+        fee_sat=row[7],
+        keyset_id=row[8],
+        counter_start=row[9],
+        amounts=json.loads(row[10]),
+        status=row[11],
+        charged_sat=row[12],
+        change_sat=row[13],
+        change_token=row[14],
+        reply_to=row[15],
+        created_at=row[16],
+        delivered_at=row[17],
+        pickups=row[18],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,36 +348,58 @@ class ProofStore:
 
     async def payment(self, payment_id: str) -> PaymentRecord | None:
         """One payment, or None."""
+        found = await self._payments("WHERE id=?", (payment_id,))
+        return found[0] if found else None
 
-        def q() -> PaymentRecord | None:
+    async def payments_by_token(self, token_hash: str) -> list[PaymentRecord]:
+        """The payments made with one token (by its hash), newest first."""
+        return await self._payments("WHERE token_hash=? ORDER BY created_at DESC", (token_hash,))
+
+    async def payments_in(self, *statuses: str) -> list[PaymentRecord]:
+        """Payments in any of ``statuses``, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        return await self._payments(f"WHERE status IN ({marks}) ORDER BY created_at", statuses)
+
+    async def payments_for(self, reply_to: str, since: float) -> list[PaymentRecord]:
+        """A DM sender's payments since ``since`` (epoch s), newest first."""
+        return await self._payments(
+            "WHERE reply_to=? AND created_at>=? ORDER BY created_at DESC", (reply_to, since)
+        )
+
+    async def all_payments(self) -> list[PaymentRecord]:
+        """Every payment, oldest first (for the audit)."""
+        return await self._payments("ORDER BY created_at", ())
+
+    async def _payments(self, where: str, args: Sequence[Any]) -> list[PaymentRecord]:
+        def q() -> list[PaymentRecord]:
             assert self._db is not None
-            row = self._db.execute(
-                "SELECT id, transport, mint, unit, token_hash, input_ys, paid_sat, fee_sat, "
-                "keyset_id, counter_start, amounts, status, charged_sat, change_sat, "
-                "change_token FROM payments WHERE id=?",
-                (payment_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            return PaymentRecord(
-                id=row[0],
-                transport=row[1],
-                mint=row[2],
-                unit=row[3],
-                token_hash=row[4],
-                input_ys=json.loads(row[5]),
-                paid_sat=row[6],
-                fee_sat=row[7],
-                keyset_id=row[8],
-                counter_start=row[9],
-                amounts=json.loads(row[10]),
-                status=row[11],
-                charged_sat=row[12],
-                change_sat=row[13],
-                change_token=row[14],
-            )
+            rows = self._db.execute(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments {where}", tuple(args)
+            ).fetchall()
+            return [_row_payment(r) for r in rows]
 
         return await self._run(q)
+
+    async def mark_delivered(self, payment_id: str) -> None:
+        """The change (or refund) was handed to the payer's transport."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE payments SET delivered_at=COALESCE(delivered_at, ?), updated_at=? "
+                "WHERE id=?",
+                (now, now, payment_id),
+            )
+
+        await self._run(self._tx, tx)
+
+    async def count_pickup(self, payment_id: str) -> None:
+        """The change was fetched again with POST /v1/change."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE payments SET pickups=pickups+1 WHERE id=?", (payment_id,))
+
+        await self._run(self._tx, tx)
 
     async def proofs_of(self, payment_id: str, state: str = "reserved") -> list[Proof]:
         """The proofs of one payment in ``state``."""

@@ -12,8 +12,9 @@ import hashlib
 import logging
 import os
 import secrets
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mint_client import crypto
@@ -31,6 +32,16 @@ from mint_client.tokens import Proof, Token, encode_token, expand_keyset_ids
 from pricing import input_fee_sat
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    """What a recovery pass did."""
+
+    #: refunded payments whose refund must reach the payer (DM) or wait for pickup
+    refunded: list[PaymentRecord] = field(default_factory=list)
+    #: payments that never took the payer's token: its replay claim can be released
+    released: list[PaymentRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +117,27 @@ class Wallet:
         fee = input_fee_sat([by_id[p.keyset_id].input_fee_ppk for p in token.proofs])
         return Incoming(token=token, mint=mint, fee_sat=fee, token_hash=token_hash(token.proofs))
 
-    async def redeem(self, incoming: Incoming, payment_id: str, transport: str) -> list[Proof]:
+    def _outputs(
+        self, keyset_id: str, counter_start: int, amounts: Sequence[int]
+    ) -> list[crypto.BlindedOutput]:
+        """The deterministic outputs of a payment: the same again after a crash."""
+        return [
+            crypto.blind(
+                *crypto.derive_secret(self._seed, keyset_id, counter_start + i),
+                a,
+                keyset_id,
+                counter_start + i,
+            )
+            for i, a in enumerate(amounts)
+        ]
+
+    async def redeem(
+        self,
+        incoming: Incoming,
+        payment_id: str,
+        transport: str,
+        reply_to: str | None = None,
+    ) -> list[Proof]:
         """Swap the payment into our own proofs (one NUT-03 swap). Returns them, reserved.
 
         The payment and the counters it uses are committed before the swap is sent. If
@@ -144,6 +175,7 @@ class Wallet:
                 charged_sat=None,
                 change_sat=None,
                 change_token=None,
+                reply_to=reply_to,
             )
         )
         api = self.mints.api(mint)
@@ -234,6 +266,63 @@ class Wallet:
             change_token=token,
         )
         return token
+
+    async def recover(self, *, busy: Collection[str], min_age_s: float) -> RecoveryReport:
+        """Finish or undo payments a crash (or a lost mint answer) left half done.
+
+        ``redeeming``: the swap's outcome is read from the mint (NUT-07) and our outputs
+        restored (NUT-09) when it happened; when it didn't, the payer still holds their
+        token. ``redeemed`` without an answer: a full refund is made from the payment's
+        proofs. Payments in ``busy`` (in flight here) or younger than ``min_age_s`` are
+        left alone.
+        """
+        report = RecoveryReport()
+        now = time.time()
+        for rec in await self.store.payments_in("redeeming", "redeemed"):
+            if rec.id in busy or now - rec.created_at < min_age_s:
+                continue
+            try:
+                if rec.status == "redeeming" and not await self._finish_redeem(rec):
+                    done = await self.store.payment(rec.id)
+                    if done is not None and done.status == "failed":
+                        report.released.append(done)
+                    continue
+                await self.settle(
+                    rec.id, charged_sat=0, change_sat=rec.paid_sat - rec.fee_sat, refund=True
+                )
+                refunded = await self.store.payment(rec.id)
+                if refunded is not None:
+                    report.refunded.append(refunded)
+                    log.warning(
+                        "payment %s: interrupted before its answer; refunded %d sat",
+                        rec.id,
+                        rec.paid_sat - rec.fee_sat,
+                    )
+            except MintError as exc:
+                log.warning("payment %s: recovery postponed (%s)", rec.id, exc.message)
+        return report
+
+    async def _finish_redeem(self, rec: PaymentRecord) -> bool:
+        """Resolve a swap whose outcome we never heard. True when we now hold its proofs."""
+        api = self.mints.api(rec.mint)
+        outputs = self._outputs(rec.keyset_id, rec.counter_start, rec.amounts)
+        states = await api.check_state(rec.input_ys)
+        if all(states.get(y) == "UNSPENT" for y in rec.input_ys):
+            await self.store.set_payment_status(rec.id, "failed")
+            log.info("payment %s: swap never happened; the payer keeps the token", rec.id)
+            return False
+        restored = await api.restore(outputs)
+        if len(restored) == len(outputs):
+            by_b = {o.B_: (o, s) for o, s in restored}
+            proofs = await self._unblind(rec.mint, [by_b[o.B_] for o in outputs])
+            await self.store.add_redeemed_proofs(rec.id, rec.mint, rec.unit, proofs)
+            log.info("payment %s: swap had happened; outputs restored", rec.id)
+            return True
+        if not restored and all(states.get(y) == "SPENT" for y in rec.input_ys):
+            await self.store.set_payment_status(rec.id, "failed")
+            log.warning("payment %s: token spent elsewhere, not by us", rec.id)
+            return False
+        return False  # pending at the mint: try again later
 
     async def balance_sat(self) -> dict[str, int]:
         """What the bot holds (earned), by mint."""

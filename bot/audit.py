@@ -1,0 +1,158 @@
+"""``ecashbot audit``: does every sat that came in add up, to the sat?
+
+Reads the payment record and the proof store, and asks the mints (NUT-07) whether the
+proofs the bot holds are really unspent. It checks:
+
+* per payment: paid = charged + change + mint fee;
+* overall: received = kept + change issued + mint fees (+ what is still being resolved);
+* the wallet against the record: held proofs = sum charged, issued proofs = sum of
+  change, reserved proofs = what in-flight payments hold;
+* every held proof is unspent at its mint;
+* every change token is delivered, picked up again, or pending.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from bot.config import Config
+from mint_client.errors import MintError
+from mint_client.protocol import MintRegistry
+from mint_client.store import ProofStore
+
+
+@dataclass
+class AuditReport:
+    """The audit's figures (sat) and every difference it found."""
+
+    payments: int = 0
+    failed: int = 0
+    received_sat: int = 0
+    kept_sat: int = 0
+    change_sat: int = 0
+    fee_sat: int = 0
+    in_flight_sat: int = 0
+    held_sat: int = 0
+    issued_sat: int = 0
+    reserved_sat: int = 0
+    held_unspent_sat: int = 0
+    change_delivered: int = 0
+    change_picked_up: int = 0
+    change_pending: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def difference_sat(self) -> int:
+        """received - (kept + change + fees + in flight): zero when the books balance."""
+        return self.received_sat - (
+            self.kept_sat + self.change_sat + self.fee_sat + self.in_flight_sat
+        )
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is off."""
+        return self.difference_sat == 0 and not self.problems
+
+    def table(self) -> str:
+        """A plain-text table for the terminal."""
+        rows = [
+            ("payments (redeemed)", self.payments),
+            ("payments refused by the mint (token kept by payer)", self.failed),
+            ("received", self.received_sat),
+            ("  kept (charged)", self.kept_sat),
+            ("  change and refunds issued", self.change_sat),
+            ("  mint fees", self.fee_sat),
+            ("  still being resolved", self.in_flight_sat),
+            ("difference", self.difference_sat),
+            ("wallet: held proofs", self.held_sat),
+            ("wallet: held and unspent at the mint", self.held_unspent_sat),
+            ("wallet: issued as change", self.issued_sat),
+            ("wallet: reserved for payments in flight", self.reserved_sat),
+            ("change tokens delivered", self.change_delivered),
+            ("change tokens picked up again", self.change_picked_up),
+            ("change tokens pending delivery", self.change_pending),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{name.ljust(width)}  {value:>12}" for name, value in rows]
+        lines.append("")
+        lines += [f"PROBLEM: {p}" for p in self.problems] or ["OK: the books balance."]
+        return "\n".join(lines)
+
+
+async def audit(cfg: Config) -> AuditReport:
+    """Audit the wallet under ``cfg.wallet.path`` against its record and its mints."""
+    store = ProofStore(cfg.wallet.path)
+    await store.open()
+    try:
+        async with aiohttp.ClientSession() as session:
+            mints = MintRegistry(session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s)
+            return await _audit(store, mints)
+    finally:
+        await store.close()
+
+
+async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
+    r = AuditReport()
+    proofs = await store.all_proofs()
+    by_payment: dict[str | None, Counter[str]] = {}
+    for sp in proofs:
+        by_payment.setdefault(sp.payment_id, Counter())[sp.state] += sp.proof.amount
+    for rec in await store.all_payments():
+        if rec.status == "failed":
+            r.failed += 1
+            continue
+        r.payments += 1
+        r.received_sat += rec.paid_sat
+        r.fee_sat += rec.fee_sat
+        states = by_payment.get(rec.id, Counter())
+        if rec.status in ("redeeming", "redeemed"):
+            r.in_flight_sat += rec.paid_sat - rec.fee_sat
+            continue
+        charged, change = rec.charged_sat or 0, rec.change_sat or 0
+        r.kept_sat += charged
+        r.change_sat += change
+        if rec.paid_sat != charged + change + rec.fee_sat:
+            r.problems.append(
+                f"payment {rec.id}: paid {rec.paid_sat} != charged {charged} + change "
+                f"{change} + fee {rec.fee_sat}"
+            )
+        if states["held"] != charged or states["issued"] != change or states["reserved"]:
+            r.problems.append(
+                f"payment {rec.id}: proofs held {states['held']} / issued {states['issued']} "
+                f"/ reserved {states['reserved']} do not match charged {charged} / change "
+                f"{change}"
+            )
+        if rec.change_token:
+            if rec.pickups:
+                r.change_picked_up += 1
+            if rec.delivered_at is not None:
+                r.change_delivered += 1
+            elif not rec.pickups:
+                r.change_pending += 1
+    r.held_sat = sum(sp.proof.amount for sp in proofs if sp.state == "held")
+    r.issued_sat = sum(sp.proof.amount for sp in proofs if sp.state == "issued")
+    r.reserved_sat = sum(sp.proof.amount for sp in proofs if sp.state == "reserved")
+    if r.held_sat != r.kept_sat:
+        r.problems.append(f"wallet holds {r.held_sat} sat but the record kept {r.kept_sat}")
+    if r.issued_sat != r.change_sat:
+        r.problems.append(f"wallet issued {r.issued_sat} sat but the record {r.change_sat}")
+    held = [sp for sp in proofs if sp.state == "held"]
+    for mint in sorted({sp.mint for sp in held}):
+        mine = [sp for sp in held if sp.mint == mint]
+        try:
+            at_mint = await mints.api(mint).check_state(sp.proof.Y() for sp in mine)
+        except MintError as exc:
+            r.problems.append(f"mint {mint} could not be asked: {exc.message}")
+            continue
+        for sp in mine:
+            state = at_mint.get(sp.proof.Y(), "unknown")
+            if state == "UNSPENT":
+                r.held_unspent_sat += sp.proof.amount
+            else:
+                r.problems.append(
+                    f"held proof {sp.proof.Y()[:16]} ({sp.proof.amount} sat) is {state} at {mint}"
+                )
+    return r
