@@ -82,7 +82,7 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             nostr = NostrTransport(cfg, pipeline, state, outbox)
             await nostr.start()
             stack.push_async_callback(nostr.stop)
-        yield Daemon(
+        daemon = Daemon(
             cfg=cfg,
             pipeline=pipeline,
             wallet=wallet,
@@ -90,6 +90,35 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             http_url=http_url,
             nostr=nostr,
         )
+        # payments a crash left half done: resolve them now, then keep watching
+        await recover_once(daemon, min_age_s=0)
+        recovery = asyncio.create_task(_recovery_loop(daemon), name="recovery")
+        stack.push_async_callback(_cancel, recovery)
+        yield daemon
+
+
+async def recover_once(daemon: Daemon, *, min_age_s: float) -> None:
+    """One recovery pass: finish interrupted payments, deliver change a crash held back."""
+    try:
+        undelivered = await daemon.pipeline.recover(min_age_s=min_age_s)
+    except Exception:
+        log.exception("recovery pass failed; retrying later")
+        return
+    if daemon.nostr is not None:
+        for rec in undelivered:
+            await daemon.nostr.deliver_recovered(rec)
+
+
+async def _recovery_loop(daemon: Daemon) -> None:
+    while True:
+        await asyncio.sleep(daemon.cfg.wallet.recovery_interval_s)
+        await recover_once(daemon, min_age_s=30)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _bound_port(runner: web.AppRunner) -> int:
