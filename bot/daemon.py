@@ -45,9 +45,10 @@ class Daemon:
 async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
     """Start the bot from ``cfg``; on exit, let paid requests settle, then close all."""
     async with contextlib.AsyncExitStack() as stack:
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=100))
-        )
+        # idle connections are dropped before a mint's server would close them (uvicorn:
+        # 5 s), so a request rarely meets a connection closed under it
+        connector = aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=3)
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         state = open_state(cfg.redis.url, cfg.wallet.path / "state.sqlite3")
         stack.push_async_callback(state.close)
         store = ProofStore(cfg.wallet.path)

@@ -84,6 +84,16 @@ class MintUnavailable(MintError):
     code = "mint_unavailable"
 
 
+class MintBusy(MintUnavailable):
+    """The mint refused for a passing reason (its database was locked); nothing was spent.
+
+    Safe to retry with the same outputs: the deterministic outputs make a repeated swap
+    either do the work once or be recognised (NUT-07/NUT-09) as already done.
+    """
+
+    code = "mint_busy"
+
+
 class MalformedPaymentRequest(MalformedToken):
     """A NUT-18 payment request (``creqA...``) that does not decode."""
 

@@ -8,7 +8,10 @@ be dialled unchecked (SSRF).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,17 +19,25 @@ import aiohttp
 
 from mint_client.crypto import BlindedOutput
 from mint_client.errors import (
+    MintBusy,
     MintError,
     MintUnavailable,
+    PaymentError,
     TokenError,
     TokenSpent,
     UntrustedMint,
 )
 from mint_client.tokens import Proof, normalize_mint_url
 
+log = logging.getLogger(__name__)
+
 #: NUT error codes we act on
 CODE_TOKEN_SPENT = 11001
 CODE_OUTPUTS_ALREADY_SIGNED = 10002
+
+
+#: items per NUT-07/NUT-09 request: nutshell refuses more than 1000
+MAX_BATCH = 500
 
 
 class MintRejected(TokenError):
@@ -55,15 +66,80 @@ class BlindSignature:
     dleq: tuple[str, str] | None
 
 
+@dataclass(frozen=True, slots=True)
+class MintCall:
+    """One finished call to a mint, as reported to a :data:`MintObserver`."""
+
+    mint: str
+    #: what was asked, without ids: ``keysets``, ``keys``, ``swap``, ``checkstate``,
+    #: ``restore``, ``mint/quote/bolt11``, ...
+    op: str
+    duration_s: float
+    #: None when the mint answered with success
+    error: Exception | None
+
+    @property
+    def healthy(self) -> bool:
+        """The mint answered as a working mint does (a refused token counts as working)."""
+        return self.error is None or isinstance(self.error, TokenError | TokenSpent | MintBusy)
+
+    @property
+    def error_code(self) -> str | None:
+        """The error's stable code (``mint_unavailable``, ``token_spent``...), or None."""
+        if self.error is None:
+            return None
+        return self.error.code if isinstance(self.error, PaymentError) else "unexpected"
+
+
+#: told about every finished mint call (metrics, health); must not raise or block
+MintObserver = Callable[[MintCall], None]
+
+
+def _op_of(path: str) -> str:
+    parts = path.removeprefix("/v1/").split("/")
+    if len(parts) >= 3 and parts[1] == "quote":
+        return "/".join(parts[:3])  # mint/quote/bolt11, melt/quote/bolt11 (ids dropped)
+    return parts[0]  # keysets, keys (keyset id dropped), swap, checkstate, restore, mint
+
+
 class MintAPI:
     """The API of one trusted mint. Cheap to create; share the session."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        *,
+        timeout_s: float,
+        observer: MintObserver | None = None,
+    ) -> None:
         self.url = normalize_mint_url(url)
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._observer = observer
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request, timed and reported to the observer (if any)."""
+        if self._observer is None:
+            return await self._request(method, path, body)
+        started = time.monotonic()
+        try:
+            data = await self._request(method, path, body)
+        except Exception as exc:
+            self._report(path, started, exc)
+            raise
+        self._report(path, started, None)
+        return data
+
+    def _report(self, path: str, started: float, error: Exception | None) -> None:
+        assert self._observer is not None
+        call = MintCall(self.url, _op_of(path), time.monotonic() - started, error)
+        try:
+            self._observer(call)
+        except Exception:  # an observer's bug must never fail a mint call (money moved)
+            log.exception("mint call observer failed")
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
         try:
             async with self._session.request(
                 method, self.url + path, json=body, timeout=self._timeout
@@ -114,24 +190,30 @@ class MintAPI:
         return _signatures(data["signatures"], len(outputs))
 
     async def check_state(self, ys: Iterable[str]) -> dict[str, str]:
-        """NUT-07: Y -> "UNSPENT" | "PENDING" | "SPENT"."""
-        data = await self._call("POST", "/v1/checkstate", {"Ys": list(ys)})
-        return {str(s["Y"]): str(s["state"]) for s in data["states"]}
+        """NUT-07: Y -> "UNSPENT" | "PENDING" | "SPENT" (in batches the mint accepts)."""
+        all_ys = list(ys)
+        states: dict[str, str] = {}
+        for i in range(0, len(all_ys), MAX_BATCH):
+            data = await self._call("POST", "/v1/checkstate", {"Ys": all_ys[i : i + MAX_BATCH]})
+            states.update({str(s["Y"]): str(s["state"]) for s in data["states"]})
+        return states
 
     async def restore(
         self, outputs: Sequence[BlindedOutput]
     ) -> list[tuple[BlindedOutput, BlindSignature]]:
         """NUT-09: the signatures the mint already made on any of ``outputs``."""
-        data = await self._call(
-            "POST", "/v1/restore", {"outputs": [o.to_mint_json() for o in outputs]}
-        )
         by_b = {o.B_: o for o in outputs}
-        sigs = _signatures(data.get("signatures", []), None)
         found: list[tuple[BlindedOutput, BlindSignature]] = []
-        for out, sig in zip(data.get("outputs", []), sigs, strict=True):
-            o = by_b.get(str(out["B_"]))
-            if o is not None:
-                found.append((o, sig))
+        for i in range(0, len(outputs), MAX_BATCH):
+            batch = outputs[i : i + MAX_BATCH]
+            data = await self._call(
+                "POST", "/v1/restore", {"outputs": [o.to_mint_json() for o in batch]}
+            )
+            sigs = _signatures(data.get("signatures", []), None)
+            for out, sig in zip(data.get("outputs", []), sigs, strict=True):
+                o = by_b.get(str(out["B_"]))
+                if o is not None:
+                    found.append((o, sig))
         return found
 
 
@@ -150,6 +232,10 @@ def _signatures(raw: Any, expected: int | None) -> list[BlindSignature]:
     return sigs
 
 
+#: nutshell's words when its database lock timed out: nothing was done, try again
+_TRANSIENT = re.compile(r"failed to acquire database lock|database is locked", re.IGNORECASE)
+
+
 def _raise_for_mint_error(status: int, data: Any) -> None:
     detail = str(data.get("detail", data)) if isinstance(data, dict) else str(data)
     code = data.get("code") if isinstance(data, dict) else None
@@ -158,6 +244,8 @@ def _raise_for_mint_error(status: int, data: Any) -> None:
         raise TokenSpent("this token was already spent")
     if status >= 500:
         raise MintUnavailable(f"mint error (HTTP {status}): {detail[:200]}")
+    if _TRANSIENT.search(detail):
+        raise MintBusy(f"the mint is busy: {detail[:200]}", mint_code=code)
     if status in (400, 422):
         raise MintRejected(f"the mint rejected the token: {detail[:200]}")
     raise MintError(f"mint error (HTTP {status}): {detail[:200]}", mint_code=code)
@@ -167,10 +255,16 @@ class MintRegistry:
     """The allow-listed mints, each with cached keysets and keys. The SSRF gate."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, mint_urls: Iterable[str], *, timeout_s: float
+        self,
+        session: aiohttp.ClientSession,
+        mint_urls: Iterable[str],
+        *,
+        timeout_s: float,
+        observer: MintObserver | None = None,
     ) -> None:
         self._apis = {
-            normalize_mint_url(u): MintAPI(session, u, timeout_s=timeout_s) for u in mint_urls
+            normalize_mint_url(u): MintAPI(session, u, timeout_s=timeout_s, observer=observer)
+            for u in mint_urls
         }
         self._keysets: dict[str, list[Keyset]] = {}
         self._keys: dict[tuple[str, str], dict[int, str]] = {}

@@ -8,6 +8,7 @@ swap and no second fee, and concurrent payments never compete for the same proof
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from mint_client import crypto
 from mint_client.errors import (
     InvalidDLEQ,
+    MintBusy,
     MintError,
     MintUnavailable,
     TokenSpent,
@@ -32,6 +34,11 @@ from mint_client.tokens import Proof, Token, encode_token, expand_keyset_ids
 from pricing import input_fee_sat
 
 log = logging.getLogger(__name__)
+
+#: swaps tried while the mint reports a passing failure (a locked database), with
+#: exponential back-off from the base: 0.25 + 0.5 + 1 + 2 s at most
+SWAP_ATTEMPTS = 5
+SWAP_RETRY_BASE_S = 0.25
 
 
 @dataclass
@@ -178,18 +185,59 @@ class Wallet:
                 reply_to=reply_to,
             )
         )
-        api = self.mints.api(mint)
-        try:
-            signatures = await api.swap(incoming.token.proofs, outputs)
-            pairs = list(zip(outputs, signatures, strict=True))
-        except (TokenSpent, MintRejected):
-            await self.store.set_payment_status(payment_id, "failed")
-            raise
-        except MintError as exc:
-            pairs = await self._resolve_lost_swap(payment_id, mint, input_ys, outputs, exc)
+        pairs: list[tuple[crypto.BlindedOutput, BlindSignature]] | None = None
+        for attempt in range(SWAP_ATTEMPTS):
+            try:
+                pairs = await self._swap(mint, incoming.token.proofs, outputs, retry=attempt > 0)
+            except (TokenSpent, MintRejected):
+                await self.store.set_payment_status(payment_id, "failed")
+                raise
+            except MintError as exc:
+                pairs = await self._resolve_lost_swap(payment_id, mint, input_ys, outputs, exc)
+                if pairs is None:
+                    # the inputs are unspent: the mint did nothing. A dropped connection
+                    # (a keep-alive the mint closed) is worth another try, same outputs.
+                    if type(exc) is MintUnavailable and attempt + 1 < SWAP_ATTEMPTS:
+                        log.info("payment %s: swap not done (%s); retried", payment_id, exc)
+                        await asyncio.sleep(SWAP_RETRY_BASE_S * 2**attempt)
+                        continue
+                    await self.store.set_payment_status(payment_id, "failed")
+                    raise
+            break
+        assert pairs is not None
         proofs = await self._unblind(mint, pairs)
         await self.store.add_redeemed_proofs(payment_id, mint, self.unit, proofs)
         return proofs
+
+    async def _swap(
+        self,
+        mint: str,
+        inputs: Sequence[Proof],
+        outputs: list[crypto.BlindedOutput],
+        *,
+        retry: bool = False,
+    ) -> list[tuple[crypto.BlindedOutput, BlindSignature]]:
+        """One NUT-03 swap, repeated (same outputs) while the mint says it is busy.
+
+        After a first attempt (``retry``), a refusal may mean an earlier attempt did the
+        work, so it is raised as :class:`MintError` for the caller to resolve by
+        NUT-07/NUT-09.
+        """
+        api = self.mints.api(mint)
+        for attempt in range(SWAP_ATTEMPTS):
+            try:
+                signatures = await api.swap(inputs, outputs)
+                return list(zip(outputs, signatures, strict=True))
+            except MintBusy:
+                if attempt + 1 == SWAP_ATTEMPTS:
+                    raise
+                log.info("mint %s busy; swap retried (attempt %d)", mint, attempt + 2)
+                await asyncio.sleep(SWAP_RETRY_BASE_S * 2**attempt)
+            except (TokenSpent, MintRejected) as exc:
+                if attempt == 0 and not retry:
+                    raise
+                raise MintError(f"swap refused on retry: {exc.message}") from exc
+        raise AssertionError("unreachable")
 
     async def _resolve_lost_swap(
         self,
@@ -198,8 +246,11 @@ class Wallet:
         input_ys: list[str],
         outputs: list[crypto.BlindedOutput],
         cause: MintError,
-    ) -> list[tuple[crypto.BlindedOutput, BlindSignature]]:
-        """The swap's answer was lost: did the mint do it? NUT-07, then NUT-09 restore."""
+    ) -> list[tuple[crypto.BlindedOutput, BlindSignature]] | None:
+        """The swap's answer was lost: did the mint do it? NUT-07, then NUT-09 restore.
+
+        None when every input is still unspent: the mint did nothing (yet).
+        """
         api = self.mints.api(mint)
         try:
             states = await api.check_state(input_ys)
@@ -209,8 +260,7 @@ class Wallet:
                 "the mint did not answer; your payment is pending and will be resolved"
             ) from exc
         if all(states.get(y) == "UNSPENT" for y in input_ys):
-            await self.store.set_payment_status(payment_id, "failed")
-            raise cause
+            return None
         restored = await api.restore(outputs)
         if len(restored) == len(outputs):
             log.info("payment %s: swap answer lost, outputs restored", payment_id)

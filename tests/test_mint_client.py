@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -131,3 +132,79 @@ async def test_a_swap_whose_answer_is_lost_is_restored(
             assert sum((await daemon.wallet.balance_sat()).values()) == payment["charged_sat"]
     finally:
         await runner.cleanup()
+
+
+#: what nutshell answers when its database lock times out under load (it did nothing)
+MINT_LOCKED = {
+    "detail": "failed to acquire database lock on proofs_pending after 5s and 1 trials (1)",
+    "code": 0,
+}
+
+
+@contextlib.asynccontextmanager
+async def busy_mint_proxy(mint_url: str, busy_swaps: int) -> AsyncIterator[tuple[str, list[str]]]:
+    """A proxy to the real mint whose first ``busy_swaps`` swaps get the lock error."""
+    seen: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/v1/swap":
+            if len([s for s in seen if s == "busy"]) < busy_swaps:
+                seen.append("busy")
+                return web.json_response(MINT_LOCKED, status=400)
+            seen.append("forwarded")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method,
+                mint_url + request.path_qs,
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as r,
+        ):
+            payload = await r.read()
+            return web.Response(status=r.status, body=payload, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_busy_mint_is_asked_again_with_the_same_outputs(
+    mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    async with busy_mint_proxy(mint.url, busy_swaps=2) as (proxy_url, seen):
+        user = await UserWallet.create(mint.url, tmp_path / "user")
+        await user.fund(500)
+        token = await user.send_token(300, version=4)
+        via_proxy = encode_token(dataclasses.replace(parse_token(token), mint=proxy_url))
+        async with bot(bot_config(tmp_path / "bot", [proxy_url], emulator_url)) as daemon:
+            status, _, body = await ask(daemon.http_url or "", "hello", via_proxy)
+        assert status == 200, body
+        assert seen == ["busy", "busy", "forwarded"]
+        assert await user.token_state(token) == "spent"
+
+
+async def test_a_mint_that_stays_busy_leaves_the_token_untouched(
+    mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    async with busy_mint_proxy(mint.url, busy_swaps=100) as (proxy_url, seen):
+        user = await UserWallet.create(mint.url, tmp_path / "user")
+        await user.fund(500)
+        token = await user.send_token(300, version=4)
+        via_proxy = encode_token(dataclasses.replace(parse_token(token), mint=proxy_url))
+        async with bot(bot_config(tmp_path / "bot", [proxy_url], emulator_url)) as daemon:
+            status, _, body = await ask(daemon.http_url or "", "hello", via_proxy)
+            assert status == 503, body
+            assert body["error"]["code"] == "mint_busy"
+            assert body["error"]["token_untouched"] is True
+            assert sum((await daemon.wallet.balance_sat()).values()) == 0
+        assert seen == ["busy"] * 5
+        assert await user.token_state(token) == "unspent"
