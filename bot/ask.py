@@ -180,6 +180,7 @@ async def ask_http(
     Returns the exit status and the result (None when nothing was answered or refunded).
     """
     body: dict[str, Any] = {"messages": [{"role": "user", "content": question}], "stream": True}
+    request_id: str | None = None
     if model:
         body["model"] = model
     if max_tokens:
@@ -200,6 +201,7 @@ async def ask_http(
                     data = raw.decode(errors="replace")
                 return _error_exit(resp.status, data, out), None
             source = resp.headers.get(MODEL_SOURCE_HEADER)
+            request_id = resp.headers.get("X-Request-Id")
             parts: list[str] = []
             final: dict[str, Any] | None = None
             async for raw_line in resp.content:
@@ -219,17 +221,34 @@ async def ask_http(
                     final = chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
         print(f"\nerror: {endpoint}: {type(exc).__name__}: {exc}", file=out, flush=True)
+        _print_pickup_hint(url, request_id, out)
         return 1, None
-    print("\n", file=out)
+    if parts:
+        print("\n", file=out)  # end the answer's line, then one blank line
     if final is None:
         print("error: the stream ended without a receipt", file=out, flush=True)
+        _print_pickup_hint(url, request_id, out)
         return 1, None
     result = _result_from_final(final, "".join(parts), source)
     if result.refunded:
         err = final.get("error") or {}
-        print(f"refunded: {err.get('message', 'the model failed')}", file=out)
+        message = str(err.get("message", "the model failed"))
+        if result.change:  # the bot's message carries the token: it is printed below
+            message = message.replace(f": {result.change}", "").replace(result.change, "")
+        print(f"refunded: {message}", file=out)
     _print_end(result, out)
     return (1 if result.refunded else 0), result
+
+
+def _print_pickup_hint(url: str, request_id: str | None, out: IO[str]) -> None:
+    """After a broken answer: where the bot keeps the change of a paid request."""
+    if request_id:
+        print(
+            f"The bot keeps the change of request {request_id}: curl -sS -X POST "
+            f"{url.rstrip('/')}/v1/change -H 'X-Request-Id: {request_id}'",
+            file=out,
+            flush=True,
+        )
 
 
 # --- Nostr --------------------------------------------------------------------------------
@@ -341,6 +360,17 @@ async def ask_nostr(
         while not convo.done():
             left = deadline - time.monotonic()
             if left <= 0:
+                if convo.answer is not None:  # answered, but the change DM is missing
+                    _, result = _print_conversation(convo, out)
+                    # a throw-away key is worth showing: only it can ask for this change
+                    who = "your key" if nsec else f"this key: {keys.secret_key().to_bech32()}"
+                    print(
+                        f"error: the change did not arrive within {timeout_s:.0f} s; DM the "
+                        f"bot /change from {who}",
+                        file=out,
+                        flush=True,
+                    )
+                    return 1, result
                 print(f"error: no complete answer within {timeout_s:.0f} s", file=out)
                 for notice in convo.notices:
                     print(notice, file=out)

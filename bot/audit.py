@@ -8,6 +8,8 @@ proofs the bot holds are really unspent. It checks:
 * the wallet against the record: held proofs = sum charged, issued proofs = sum of
   change, reserved proofs = what in-flight payments hold;
 * every held proof is unspent at its mint;
+* transfers out (tokens sent, Lightning payments): inputs = amount + fees + change, and
+  what the wallet holds = kept - everything paid out and its fees;
 * every change token is delivered, picked up again, or pending.
 """
 
@@ -21,7 +23,7 @@ import aiohttp
 from bot.config import Config
 from mint_client.errors import MintError
 from mint_client.protocol import MintRegistry
-from mint_client.store import ProofStore
+from mint_client.store import ProofStore, StoredProof
 
 
 @dataclass
@@ -42,6 +44,17 @@ class AuditReport:
     change_delivered: int = 0
     change_picked_up: int = 0
     change_pending: int = 0
+    #: of ``received_sat``: paid by Lightning invoice (NUT-04 quotes minted)
+    minted_in_sat: int = 0
+    transfers: int = 0
+    #: out by Lightning (NUT-05 melts), as tokens, and the fees of both (done transfers)
+    paid_out_sat: int = 0
+    sent_out_sat: int = 0
+    out_fee_sat: int = 0
+    #: change that came back from transfers out (it is held again)
+    out_change_sat: int = 0
+    #: proofs set aside for transfers out still in flight
+    spending_sat: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -66,11 +79,18 @@ class AuditReport:
             ("  change and refunds issued", self.change_sat),
             ("  mint fees", self.fee_sat),
             ("  still being resolved", self.in_flight_sat),
+            ("  (of received: paid by Lightning invoice)", self.minted_in_sat),
             ("difference", self.difference_sat),
+            ("transfers out", self.transfers),
+            ("  paid out by Lightning", self.paid_out_sat),
+            ("  sent as tokens", self.sent_out_sat),
+            ("  their fees (mint and Lightning)", self.out_fee_sat),
+            ("  their change, kept", self.out_change_sat),
             ("wallet: held proofs", self.held_sat),
             ("wallet: held and unspent at the mint", self.held_unspent_sat),
             ("wallet: issued as change", self.issued_sat),
             ("wallet: reserved for payments in flight", self.reserved_sat),
+            ("wallet: set aside for transfers out in flight", self.spending_sat),
             ("change tokens delivered", self.change_delivered),
             ("change tokens picked up again", self.change_picked_up),
             ("change tokens pending delivery", self.change_pending),
@@ -107,6 +127,8 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
         r.payments += 1
         r.received_sat += rec.paid_sat
         r.fee_sat += rec.fee_sat
+        if rec.token_hash.startswith("quote:"):
+            r.minted_in_sat += rec.paid_sat
         states = by_payment.get(rec.id, Counter())
         if rec.status in ("redeeming", "redeemed"):
             r.in_flight_sat += rec.paid_sat - rec.fee_sat
@@ -119,9 +141,11 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
                 f"payment {rec.id}: paid {rec.paid_sat} != charged {charged} + change "
                 f"{change} + fee {rec.fee_sat}"
             )
-        if states["held"] != charged or states["issued"] != change or states["reserved"]:
+        # what was charged is held, or went out later in a transfer (spending/spent/sent)
+        kept = states["held"] + states["spending"] + states["spent"] + states["sent"]
+        if kept != charged or states["issued"] != change or states["reserved"]:
             r.problems.append(
-                f"payment {rec.id}: proofs held {states['held']} / issued {states['issued']} "
+                f"payment {rec.id}: proofs kept {kept} / issued {states['issued']} "
                 f"/ reserved {states['reserved']} do not match charged {charged} / change "
                 f"{change}"
             )
@@ -135,8 +159,14 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
     r.held_sat = sum(sp.proof.amount for sp in proofs if sp.state == "held")
     r.issued_sat = sum(sp.proof.amount for sp in proofs if sp.state == "issued")
     r.reserved_sat = sum(sp.proof.amount for sp in proofs if sp.state == "reserved")
-    if r.held_sat != r.kept_sat:
-        r.problems.append(f"wallet holds {r.held_sat} sat but the record kept {r.kept_sat}")
+    r.spending_sat = sum(sp.proof.amount for sp in proofs if sp.state == "spending")
+    await _audit_transfers(store, proofs, r)
+    out = r.paid_out_sat + r.sent_out_sat + r.out_fee_sat
+    if r.held_sat + r.spending_sat + out != r.kept_sat:
+        r.problems.append(
+            f"wallet holds {r.held_sat} sat (+ {r.spending_sat} set aside) but the record kept "
+            f"{r.kept_sat} and paid out {out} (fees included)"
+        )
     if r.issued_sat != r.change_sat:
         r.problems.append(f"wallet issued {r.issued_sat} sat but the record {r.change_sat}")
     held = [sp for sp in proofs if sp.state == "held"]
@@ -156,3 +186,42 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
                     f"held proof {sp.proof.Y()[:16]} ({sp.proof.amount} sat) is {state} at {mint}"
                 )
     return r
+
+
+async def _audit_transfers(store: ProofStore, proofs: list[StoredProof], r: AuditReport) -> None:
+    """Every transfer out adds up, and its proofs agree with it."""
+    inputs: Counter[str] = Counter()
+    back: Counter[str] = Counter()
+    for sp in proofs:
+        if sp.spent_by is not None and sp.payment_id != sp.spent_by:
+            inputs[sp.spent_by] += sp.proof.amount
+        if sp.payment_id is not None and sp.payment_id != sp.spent_by:
+            back[sp.payment_id] += sp.proof.amount
+    for t in await store.all_transfers():
+        if t.status == "failed":
+            if inputs[t.id]:
+                r.problems.append(f"transfer {t.id}: failed but still holds {inputs[t.id]} sat")
+            continue
+        r.transfers += 1
+        if inputs[t.id] != t.input_sat:
+            r.problems.append(
+                f"transfer {t.id}: its inputs are {inputs[t.id]} sat, the record says {t.input_sat}"
+            )
+        if t.status != "done":
+            continue
+        change = t.change_sat or 0
+        if t.input_sat != t.amount_sat + t.fee_sat + change:
+            r.problems.append(
+                f"transfer {t.id}: inputs {t.input_sat} != amount {t.amount_sat} + fees "
+                f"{t.fee_sat} + change {change}"
+            )
+        if back[t.id] != change:
+            r.problems.append(
+                f"transfer {t.id}: {back[t.id]} sat came back, the record says {change}"
+            )
+        if t.kind == "melt":
+            r.paid_out_sat += t.amount_sat
+        else:
+            r.sent_out_sat += t.amount_sat
+        r.out_fee_sat += t.fee_sat
+        r.out_change_sat += change

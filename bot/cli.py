@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from bot.config import ConfigError, load_config
+from bot.logs import setup_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -21,10 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ecashbot: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # plain or JSON lines on stderr; tokens, nsec keys and the operator token redacted
+    setup_logging(cfg.log_level, cfg.log.format)
     from bot.daemon import serve_forever
 
     async def main() -> None:
@@ -56,8 +55,13 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` until SIGINT/SIGTERM; a second signal does not interrupt the cleanup."""
+def _run_until_signalled(
+    coro: Coroutine[Any, Any, None], *, on_signal: Callable[[], None] | None = None
+) -> None:
+    """Run ``coro`` until SIGINT/SIGTERM; a second signal does not interrupt the cleanup.
+
+    ``on_signal`` runs once, at the first signal (to say that the stop has begun).
+    """
 
     async def main() -> None:
         task = asyncio.current_task()
@@ -69,6 +73,8 @@ def _run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
             nonlocal stopping
             if not stopping:
                 stopping = True
+                if on_signal is not None:
+                    on_signal()
                 task.cancel()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,7 +90,7 @@ def _run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
 def _dev(args: argparse.Namespace) -> int:
     from bot.devstack import DevError, DevOptions, run_dev
 
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     opts = DevOptions(
         http_port=args.port,
@@ -96,8 +102,16 @@ def _dev(args: argparse.Namespace) -> int:
     )
     # under `uv run`, the printed commands need it too
     prefix = "uv run " if os.environ.get("UV") else ""
+
+    def stopping() -> None:
+        print(
+            "ecashbot dev: stopping (paid requests in flight settle first)...",
+            file=sys.stderr,
+            flush=True,
+        )
+
     try:
-        _run_until_signalled(run_dev(opts, out=sys.stdout, run_prefix=prefix))
+        _run_until_signalled(run_dev(opts, out=sys.stdout, run_prefix=prefix), on_signal=stopping)
     except ConfigError as exc:
         print(f"ecashbot dev: {exc}", file=sys.stderr)
         return 2
@@ -106,7 +120,7 @@ def _dev(args: argparse.Namespace) -> int:
         if isinstance(exc, OSError) and "address" in str(exc).lower():
             print("ecashbot dev: is the port taken? --port 0 picks a free one", file=sys.stderr)
         return 1
-    print("ecashbot dev: stopped", file=sys.stderr)
+    print("ecashbot dev: stopped; nothing is left running", file=sys.stderr)
     return 0
 
 
@@ -142,6 +156,45 @@ def _ask(args: argparse.Namespace) -> int:
     return status
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def _audit(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(Path(args.config) if args.config else _default_config())
+    except ConfigError as exc:
+        print(f"ecashbot: {exc}", file=sys.stderr)
+        return 2
+    from bot.audit import audit
+
+    report = asyncio.run(audit(cfg))
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _wallet(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(Path(args.config) if args.config else _default_config())
+    except ConfigError as exc:
+        print(f"ecashbot: {exc}", file=sys.stderr)
+        return 2
+    from bot.wallet_cli import run
+
+    return asyncio.run(run(cfg, args, sys.stdout, sys.stderr))
+
+
 def _default_config() -> Path | None:
     p = Path("config.yaml")
     return p if p.exists() else None
@@ -154,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the bot (HTTP and Nostr DMs)")
     serve.add_argument("--config", help="path of config.yaml (default: ./config.yaml)")
     serve.set_defaults(func=_serve)
+    audit = sub.add_parser(
+        "audit",
+        help="check the books to the sat: received = kept + change + mint fees; "
+        "exits 1 on any difference",
+    )
+    audit.add_argument("--config", help="path of config.yaml (default: ./config.yaml)")
+    audit.set_defaults(func=_audit)
+    from bot.wallet_cli import add_parser as add_wallet_parser
+
+    add_wallet_parser(sub).set_defaults(func=_wallet)
     keys = sub.add_parser("keys", help="print a new Nostr key pair for the bot")
     keys.set_defaults(func=_keys)
     dev = sub.add_parser(
@@ -161,9 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     dev.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free port)")
     dev.add_argument("--data", help="keep mint, wallets and keys here (default: a temp dir)")
-    dev.add_argument("--mint-fee-ppk", type=int, default=100, help="the dev mint's input fee")
-    dev.add_argument("--tokens", type=int, default=4, help="funded test tokens to print")
-    dev.add_argument("--amount", type=int, default=1000, help="sat per test token")
+    dev.add_argument(
+        "--mint-fee-ppk", type=_at_least(0), default=100, help="the dev mint's input fee"
+    )
+    dev.add_argument("--tokens", type=_at_least(0), default=4, help="funded test tokens to print")
+    dev.add_argument("--amount", type=_at_least(1), default=1000, help="sat per test token")
     dev.set_defaults(func=_dev)
     ask = sub.add_parser("ask", help="pay a bot with a token and print its answer and change")
     ask.add_argument("question")

@@ -8,7 +8,7 @@ SDK, which reads them itself, unless ``gemini.api_key`` / ``gemini.base_url`` ar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -51,6 +51,9 @@ class WalletConfig(_Section):
     change_pickup_ttl_s: int = Field(default=7 * 86400, gt=0)
     #: seconds between passes that resolve payments a crash or a lost answer interrupted
     recovery_interval_s: float = Field(default=60.0, gt=0)
+    #: a payment is left alone by the periodic pass until it is this old, seconds (at
+    #: start-up every interrupted payment is resolved at once)
+    recovery_min_age_s: float = Field(default=30.0, ge=0)
 
 
 class GeminiConfig(_Section):
@@ -98,6 +101,14 @@ class LimitsConfig(_Section):
     max_input_chars: int = Field(default=200_000, gt=0)
 
 
+class FastPathConfig(_Section):
+    """Taking the mint off the answer's critical path."""
+
+    #: start the model while the swap runs (after every check that spends nothing); its
+    #: output is held back until the swap clears, and a failed swap cancels the call
+    overlap: bool = True
+
+
 class RateLimitConfig(_Section):
     """Token buckets per payer (Nostr pubkey, or client IP over HTTP)."""
 
@@ -125,8 +136,12 @@ class BudgetConfig(_Section):
 class OperatorConfig(_Section):
     """What only the operator may see."""
 
-    #: bearer token for GET /v1/stats; null turns the endpoint off
+    #: bearer token for GET /v1/stats, /dashboard and /metrics; null turns them off
     token: str | None = None
+    #: GET /metrics needs the token too (false: open to anyone who can reach the port)
+    metrics_require_token: bool = True
+    #: seconds between the dashboard's refreshes
+    dashboard_refresh_s: float = Field(default=10.0, gt=0)
 
 
 class NostrConfig(_Section):
@@ -170,6 +185,58 @@ class RedisConfig(_Section):
     url: str | None = None
 
 
+class LightningConfig(_Section):
+    """Paying by Lightning invoice: NUT-04 mint quotes at the first mint, as payments."""
+
+    #: offer an invoice with every 402 and to every DM question that came without a token
+    invoices: bool = True
+    #: the DM invoice when no amount is given (``/invoice N``); null: what the question needs
+    default_invoice_sat: int | None = Field(default=None, gt=0)
+    #: the largest invoice handed out, sat
+    max_invoice_sat: int = Field(default=100_000, gt=0)
+    #: seconds between checks of a waiting invoice when the mint has no NUT-17 websocket
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    #: a paid invoice nobody used this long (or its question was lost) is minted and its
+    #: sats kept as a refund (DM, or POST /v1/change with X-Cashu-Quote), seconds
+    refund_unused_after_s: int = Field(default=1800, gt=0)
+
+
+class PayoutConfig(_Section):
+    """Paying the operator out automatically, by Lightning address (LUD-16), per mint."""
+
+    #: name@host to pay; null turns automatic payouts off
+    lnaddress: str | None = None
+    #: pay out when the free balance at a mint is above this, sat
+    threshold_sat: int = Field(default=10_000, gt=0)
+    #: sat left at the mint after a payout (fees are paid from the payout, not from this)
+    float_sat: int = Field(default=1_000, ge=0)
+    #: seconds between checks
+    interval_s: float = Field(default=3600.0, gt=0)
+    #: the largest Lightning fee reserve accepted for one payout, in percent of it (the
+    #: limit is never below 10 sat: mints reserve a minimum fee)
+    max_fee_percent: float = Field(default=2.0, ge=0)
+
+    @field_validator("lnaddress")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and (v.count("@") != 1 or not all(v.split("@"))):
+            raise ValueError(f"{v!r} is not a Lightning address (name@host)")
+        return v
+
+    @model_validator(mode="after")
+    def _float_below_threshold(self) -> PayoutConfig:
+        if self.float_sat >= self.threshold_sat:
+            raise ValueError("payout.float_sat must be below payout.threshold_sat")
+        return self
+
+
+class LogConfig(_Section):
+    """How the bot writes its log (to stderr)."""
+
+    #: plain: one human-readable line per record; json: one JSON object per line
+    format: Literal["plain", "json"] = "plain"
+
+
 def _default_models() -> dict[str, ModelConfig]:
     return {
         "gemini-2.5-flash": ModelConfig(
@@ -200,11 +267,15 @@ class Config(BaseSettings):
     wallet: WalletConfig = WalletConfig()
     gemini: GeminiConfig = GeminiConfig()
     limits: LimitsConfig = LimitsConfig()
+    fast_path: FastPathConfig = FastPathConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     budget: BudgetConfig = BudgetConfig()
     operator: OperatorConfig = OperatorConfig()
     nostr: NostrConfig = NostrConfig()
     redis: RedisConfig = RedisConfig()
+    log: LogConfig = LogConfig()
+    lightning: LightningConfig = LightningConfig()
+    payout: PayoutConfig = PayoutConfig()
     log_level: str = "INFO"
 
     @field_validator("mints")

@@ -18,13 +18,16 @@ from aiohttp import web
 from bot.config import Config
 from bot.http import make_app, runner_args
 from bot.llm.gemini import Gemini
+from bot.metrics import Metrics
 from bot.nostr import NostrTransport
 from bot.outbox import Outbox
+from bot.payout import payout_loop
 from bot.pipeline import LLM, Pipeline
 from bot.state import State, open_state
+from mint_client.lnwallet import LightningWallet
 from mint_client.protocol import MintRegistry
 from mint_client.store import ProofStore
-from mint_client.wallet import Wallet, load_or_create_seed
+from mint_client.wallet import load_or_create_seed
 
 log = logging.getLogger("ecashbot")
 
@@ -35,7 +38,7 @@ class Daemon:
 
     cfg: Config
     pipeline: Pipeline
-    wallet: Wallet
+    wallet: LightningWallet
     state: State
     http_url: str | None
     nostr: NostrTransport | None
@@ -54,8 +57,11 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         store = ProofStore(cfg.wallet.path)
         await store.open()
         stack.push_async_callback(store.close)
-        mints = MintRegistry(session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s)
-        wallet = Wallet(store, mints, load_or_create_seed(cfg.wallet.path), cfg.unit)
+        metrics = Metrics()
+        mints = MintRegistry(
+            session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s, observer=metrics.mint_call
+        )
+        wallet = LightningWallet(store, mints, load_or_create_seed(cfg.wallet.path), cfg.unit)
         model: LLM
         if llm is None:
             gemini = Gemini(cfg.gemini)
@@ -63,7 +69,7 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             model = gemini
         else:
             model = llm
-        pipeline = Pipeline(cfg, wallet, mints, model, state)
+        pipeline = Pipeline(cfg, wallet, mints, model, state, metrics)
         stack.push_async_callback(pipeline.drain)
         http_url = None
         if cfg.http.enabled:
@@ -83,6 +89,7 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
             nostr = NostrTransport(cfg, pipeline, state, outbox)
             await nostr.start()
             stack.push_async_callback(nostr.stop)
+            metrics.relay_source = nostr.relay_status
         daemon = Daemon(
             cfg=cfg,
             pipeline=pipeline,
@@ -95,6 +102,9 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         await recover_once(daemon, min_age_s=0)
         recovery = asyncio.create_task(_recovery_loop(daemon), name="recovery")
         stack.push_async_callback(_cancel, recovery)
+        if cfg.payout.lnaddress:
+            payouts = asyncio.create_task(payout_loop(cfg.payout, wallet, session), name="payout")
+            stack.push_async_callback(_cancel, payouts)
         yield daemon
 
 
@@ -107,13 +117,16 @@ async def recover_once(daemon: Daemon, *, min_age_s: float) -> None:
         return
     if daemon.nostr is not None:
         for rec in undelivered:
-            await daemon.nostr.deliver_recovered(rec)
+            try:
+                await daemon.nostr.deliver_recovered(rec)
+            except Exception:
+                log.exception("payment %s: delivery after recovery failed; retrying later", rec.id)
 
 
 async def _recovery_loop(daemon: Daemon) -> None:
     while True:
         await asyncio.sleep(daemon.cfg.wallet.recovery_interval_s)
-        await recover_once(daemon, min_age_s=30)
+        await recover_once(daemon, min_age_s=daemon.cfg.wallet.recovery_min_age_s)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

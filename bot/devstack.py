@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shlex
@@ -23,18 +24,19 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 import nostr_sdk
 
-from bot.config import Config, GeminiConfig, RedisConfig, load_config
+from bot.config import Config, RedisConfig, load_config
 from bot.daemon import running
 from bot.llm.emulator import RunningEmulator, start_emulator
 from bot.llm.gemini import Gemini
-from mint_client.minting import mint_token
+from mint_client.errors import MintError
+from mint_client.minting import MintingAPI, active_keyset, mint_token
 from mint_client.tokens import normalize_mint_url
 
 __all__ = [
@@ -63,10 +65,18 @@ class DevError(RuntimeError):
     """A part of the dev system did not come up; the message says which and why."""
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port nobody listens on right now (the OS picks it; a race stays possible)."""
+def free_port(host: str = HOST, wanted: int = 0) -> int:
+    """``wanted`` if it is free, else a TCP port nobody listens on right now (the OS picks
+    it; a race stays possible)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+        # as servers bind: a port whose old connections linger in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, wanted))
+        except OSError:
+            if not wanted:
+                raise
+            sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -101,14 +111,17 @@ class DevMint:
     """A nutshell mint (FakeWallet: every invoice counts as paid) in its own process group.
 
     It runs from an empty directory with HOME pointed at another, on a minimal
-    environment, so neither ``.env`` files nor our variables configure it. Its key is
-    kept in ``data_dir``, so a restart on the same directory serves the same keysets.
+    environment, so neither ``.env`` files nor our variables configure it. Its key and
+    port are kept in ``data_dir``, so a restart on the same directory serves the same
+    keysets at the same URL (the port, if it is still free).
     """
 
     def __init__(self, data_dir: Path, *, input_fee_ppk: int = 0) -> None:
         self.data_dir = data_dir
         self.input_fee_ppk = input_fee_ppk
         self.port = 0
+        #: the port of the previous start on ``data_dir``, if any
+        self.previous_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_offset = 0
@@ -156,11 +169,26 @@ class DevMint:
         )
         return env
 
+    def _port(self) -> int:
+        """The port of the last start on this directory if it is free, else a new one.
+
+        Tokens, the bot's wallet and the cashu CLI's wallet name the mint by its URL: with
+        ``--data`` it should not move between starts.
+        """
+        path = self.data_dir / "port"
+        try:
+            self.previous_port = int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            self.previous_port = None
+        port = free_port(wanted=self.previous_port or 0)
+        path.write_text(f"{port}\n")
+        return port
+
     def spawn(self) -> None:
         """Start the mint process on a free port; :meth:`wait_ready` waits for it."""
         for sub in ("db", "home", "cwd"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self._port()
         self._log = self.log_path.open("ab")
         self._log.write(f"\n===== ecashbot dev: start on port {self.port} =====\n".encode())
         self._log.flush()
@@ -214,6 +242,14 @@ class DevMint:
                         f"{self.log_path}:\n{self.log_tail()}"
                     )
                 await asyncio.sleep(0.1)
+
+    async def wait_exited(self, poll_s: float = 0.5) -> int:
+        """Wait until the mint process exits on its own; its exit status."""
+        while True:
+            proc = self._proc
+            if proc is not None and proc.poll() is not None:
+                return proc.returncode
+            await asyncio.sleep(poll_s)
 
     async def start(self) -> None:
         """Spawn and wait; a lost race for the port is retried on another one."""
@@ -347,7 +383,10 @@ class DevStack:
     cashu_dir: Path
     tokens: tuple[str, ...]
     token_sat: int
+    #: the input fee of the dev mint's keyset, as the mint reports it
     mint_fee_ppk: int
+    #: the mint's process, watched while the system runs
+    mint: DevMint = field(repr=False, compare=False)
 
     @property
     def emulated(self) -> bool:
@@ -371,12 +410,12 @@ def dev_config(
     http_port: int,
     wallet_dir: Path,
     nsec: str,
-    gemini: GeminiConfig | None,
+    gemini: dict[str, Any],
 ) -> Config:
     """The bot's config for dev: defaults and ``ECASHBOT_`` env, with the dev system's parts.
 
-    The keys dev owns (mints, http, wallet, nostr, gemini, redis) win over the environment;
-    ``gemini=None`` keeps the configured Gemini settings.
+    The keys dev owns (mints, http, wallet, nostr, redis, and the ``gemini`` keys given)
+    win over the environment; other Gemini settings (timeout, attempts) stay configurable.
     """
     base = load_config(None, mints=[mint_url])
     return base.model_copy(
@@ -387,7 +426,7 @@ def dev_config(
             "nostr": base.nostr.model_copy(
                 update={"enabled": True, "nsec": nsec, "relays": [relay_url]}
             ),
-            "gemini": gemini if gemini is not None else base.gemini,
+            "gemini": base.gemini.model_copy(update=gemini),
             "redis": RedisConfig(url=None),
         }
     )
@@ -396,6 +435,10 @@ def dev_config(
 @contextlib.asynccontextmanager
 async def dev_stack(opts: DevOptions, progress: Progress) -> AsyncIterator[DevStack]:
     """Start mint, relay, model and bot; report each as it is ready; stop all on exit."""
+    if opts.http_port and port_is_listening(opts.http_port):  # fail before the slow parts
+        raise DevError(
+            f"port {opts.http_port} of {HOST} is taken; --port N picks another, --port 0 any"
+        )
     temporary = opts.data_dir is None
     data_dir = (
         Path(tempfile.mkdtemp(prefix="ecashbot-dev-"))
@@ -438,27 +481,40 @@ async def dev_stack(opts: DevOptions, progress: Progress) -> AsyncIterator[DevSt
                     raise
                 await mint.stop()
                 await mint.start()
-            progress(
-                f"mint ready     {mint.url} (nutshell, FakeWallet: its invoices count as paid; "
-                f"input fee {opts.mint_fee_ppk} ppk) in {time.monotonic() - started:.1f} s"
-            )
-
-            async with aiohttp.ClientSession() as session:
-                tokens = await asyncio.gather(
-                    *(mint_token(session, mint.url, opts.token_sat) for _ in range(opts.tokens))
-                )
+            try:
+                async with aiohttp.ClientSession() as session:
+                    # with --data, the keyset (and its fee) may predate this --mint-fee-ppk
+                    api = MintingAPI(session, mint.url, timeout_s=20)
+                    fee_ppk = (await active_keyset(api, "sat")).input_fee_ppk
+                    progress(
+                        f"mint ready     {mint.url} (nutshell, FakeWallet: its invoices count "
+                        f"as paid; input fee {fee_ppk} ppk) in {time.monotonic() - started:.1f} s"
+                    )
+                    if mint.previous_port not in (None, mint.port):
+                        progress(
+                            f"               (port {mint.previous_port} of the last run was "
+                            "taken: tokens and change from then name the old URL)"
+                        )
+                    tokens = await asyncio.gather(
+                        *(mint_token(session, mint.url, opts.token_sat) for _ in range(opts.tokens))
+                    )
+            except (MintError, aiohttp.ClientError, TimeoutError) as exc:
+                raise DevError(
+                    f"the dev mint did not make test tokens: {exc}; the end of its log:\n"
+                    f"{mint.log_tail()}"
+                ) from exc
             progress(f"tokens ready   {opts.tokens} x {opts.token_sat} sat, minted at the dev mint")
 
-            gemini_cfg: GeminiConfig | None
+            gemini_cfg: dict[str, Any]
             if emulator is not None:
-                gemini_cfg = GeminiConfig(
-                    api_key="ecashbot-dev-emulator",
-                    base_url=emulator.url,
-                    api_version="v1beta",
-                    timeout_s=30,
-                )
+                gemini_cfg = {
+                    "api_key": "ecashbot-dev-emulator",
+                    "base_url": emulator.url,
+                    "api_version": "v1beta",
+                    "timeout_s": 30.0,
+                }
             else:
-                gemini_cfg = GeminiConfig(api_key=opts.gemini_api_key)
+                gemini_cfg = {"api_key": opts.gemini_api_key}
             cfg = dev_config(
                 mint_url=mint.url,
                 relay_url=relay.url,
@@ -489,7 +545,8 @@ async def dev_stack(opts: DevOptions, progress: Progress) -> AsyncIterator[DevSt
                 cashu_dir=data_dir / "cashu-wallet",
                 tokens=tuple(tokens),
                 token_sat=opts.token_sat,
-                mint_fee_ppk=opts.mint_fee_ppk,
+                mint_fee_ppk=fee_ppk,
+                mint=mint,
             )
     finally:
         if temporary:
@@ -502,12 +559,12 @@ def instructions(stack: DevStack, run_prefix: str = "") -> str:
     ``run_prefix`` goes before the project's commands (``"uv run "`` under uv).
     """
     tokens = list(stack.tokens)
-    first, second, third, fourth = (tokens + [""] * 4)[:4]
+    # one token per example: a token pays once (with fewer, a placeholder says so)
+    first, second, third, fourth = (tokens + ["cashuB..."] * 4)[:4]
     q = shlex.quote(EXAMPLE_QUESTION)
     model = stack.default_model
-    body = (
-        f'{{"model": "{model}", "messages": [{{"role": "user", "content": "{EXAMPLE_QUESTION}"}}]}}'
-    )
+    messages = [{"role": "user", "content": EXAMPLE_QUESTION}]
+    body = json.dumps({"model": model, "messages": messages})
     wallet = f"MINT_URL={stack.mint_url} CASHU_DIR={shlex.quote(str(stack.cashu_dir))}"
     source = (
         f"emulator {stack.emulator_url} (answers are EMULATED, not Gemini)"
@@ -535,7 +592,7 @@ def instructions(stack: DevStack, run_prefix: str = "") -> str:
         f'client = OpenAI(base_url="{stack.http_url}/v1", api_key="unused",',
         f'                default_headers={{"X-Cashu": "{second}"}})',
         "raw = client.chat.completions.with_raw_response.create(",
-        f'    model="{model}", messages=[{{"role": "user", "content": "{EXAMPLE_QUESTION}"}}])',
+        f"    model={json.dumps(model)}, messages={json.dumps(messages)})",
         "print(raw.parse().choices[0].message.content)",
         'print("change:", raw.headers.get("X-Cashu"))',
         "EOF",
@@ -546,7 +603,8 @@ def instructions(stack: DevStack, run_prefix: str = "") -> str:
         f"--token {fourth}",
         "",
         "4. The cashu CLI as your wallet at the dev mint (receive change; 'invoice' mints more",
-        "   test ecash, paid at once by the FakeWallet):",
+        "   test ecash, paid at once by the FakeWallet; a ./.env or ~/.cashu/.env of yours",
+        "   would override these settings):",
         f"{wallet} {run_prefix}cashu receive <change token>",
         f"{wallet} {run_prefix}cashu invoice 1000",
         f"{wallet} {run_prefix}cashu balance",
@@ -555,7 +613,10 @@ def instructions(stack: DevStack, run_prefix: str = "") -> str:
 
 
 async def run_dev(opts: DevOptions, *, out: IO[str], run_prefix: str = "") -> None:
-    """Start the dev system, print the report to ``out``, serve until cancelled."""
+    """Start the dev system, print the report to ``out``, serve until cancelled.
+
+    Raises :class:`DevError` when the mint dies under it: without a mint nothing works.
+    """
 
     def progress(line: str) -> None:
         print(line, file=out, flush=True)
@@ -569,4 +630,7 @@ async def run_dev(opts: DevOptions, *, out: IO[str], run_prefix: str = "") -> No
             f"{READY_LINE}: one log line per paid request follows (stderr). "
             "Ctrl-C stops everything."
         )
-        await asyncio.Event().wait()
+        code = await stack.mint.wait_exited()
+        raise DevError(
+            f"the mint exited with {code}; stopping. The end of its log:\n{stack.mint.log_tail()}"
+        )

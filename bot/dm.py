@@ -21,7 +21,8 @@ MAX_PART_BYTES = 24_000
 class DMRequest:
     """What one DM asks for."""
 
-    #: "ask" (a question, maybe paid), "help", "price", "change"
+    #: "ask" (a question, maybe paid), "invoice" (pay it by Lightning), "help", "price",
+    #: "change"
     command: str
     question: str
     model: str | None = None
@@ -29,6 +30,8 @@ class DMRequest:
     token: str | None = None
     #: a NUT-18 payment sent by a wallet paying our payment request
     payload: PaymentPayload | None = None
+    #: ``/invoice N``: the Lightning invoice asked for, sat (None: what the question needs)
+    invoice_sat: int | None = None
 
 
 def parse_dm(text: str) -> DMRequest:
@@ -52,6 +55,14 @@ def parse_dm(text: str) -> DMRequest:
         return DMRequest(command="price", question="", token=token)
     if head == "/change":
         return DMRequest(command="change", question="", token=token)
+    if head == "/invoice":
+        parts = rest.split(maxsplit=2)
+        if len(parts) > 1 and parts[1].isdigit():
+            question = parts[2] if len(parts) > 2 else ""
+            return DMRequest(
+                command="invoice", question=question.strip(), invoice_sat=int(parts[1])
+            )
+        return DMRequest(command="invoice", question=rest[len(words[0]) :].strip())
     if head == "/model":
         parts = rest.split(maxsplit=2)
         model = parts[1] if len(parts) > 1 else None
@@ -121,7 +132,8 @@ def price_text(
         "you pay per question and get your change back.",
         "",
         "How to pay: send your question together with a Cashu token (cashuB...) in one "
-        "message, or pay the payment request below with a Cashu wallet. The payment sets the "
+        "message, pay the payment request below with a Cashu wallet, or pay the Lightning "
+        "invoice the bot sends for a question without a token. The payment sets the "
         "longest answer you can get; what the answer didn't use comes back as a token.",
         "",
         "Prices (msat per 1000 tokens, in / out; thinking counts as output):",
@@ -135,7 +147,8 @@ def price_text(
         "Accepted mints:",
         *[f"  {m}" for m in mints],
         "",
-        "Commands: /help, /price, /model NAME <question>, /change (your recent change again)",
+        "Commands: /help, /price, /model NAME <question>, /invoice [SAT] <question> (pay by "
+        "Lightning), /change (your recent change again)",
     ]
     return "\n".join(lines)
 

@@ -3,8 +3,9 @@
 ``POST /v1/chat/completions`` with ``X-Cashu: cashuB...``. Without a token, or with too
 little: 402 and ``X-Cashu: creqA...`` (a NUT-18 payment request). On success the change
 comes back in the ``X-Cashu`` response header and in the body's ``payment`` object; a
-streamed answer carries it in its final chunk. This module only translates HTTP to and
-from the pipeline.
+streamed answer carries it in its final chunk. A 402 also offers a Lightning invoice
+(``error.lightning``): pay it and send its quote id in ``X-Cashu-Quote`` instead of a token.
+This module only translates HTTP to and from the pipeline.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from typing import Any
 from aiohttp import web
 
 from bot.config import Config
+from bot.dashboard import DashboardView
 from bot.errors import BadRequest, PaymentError, PaymentRequired, RateLimited
 from bot.llm.gemini import Message
-from bot.pipeline import Answer, ChatRequest, Finished, Pipeline, Receipt, parse_token_or_none
+from bot.pipeline import (
+    Answer,
+    ChatRequest,
+    Finished,
+    Pipeline,
+    QuotePayment,
+    Receipt,
+    parse_token_or_none,
+)
 from bot.state import StateUnavailable
+from mint_client.store import InvoiceRecord
 
 log = logging.getLogger("ecashbot.http")
 
@@ -103,8 +114,10 @@ def _finish_reason(receipt: Receipt) -> str:
     return "length" if u is not None and u.finish_reason == "MAX_TOKENS" else "stop"
 
 
-def error_response(exc: PaymentError, request_id: str | None = None) -> web.Response:
-    """The one mapping of a PaymentError to an HTTP response."""
+def error_response(
+    exc: PaymentError, request_id: str | None = None, invoice: InvoiceRecord | None = None
+) -> web.Response:
+    """The one mapping of a PaymentError to an HTTP response (a 402 may carry an invoice)."""
     err: dict[str, Any] = {
         "message": exc.message,
         "type": exc.code,
@@ -116,12 +129,35 @@ def error_response(exc: PaymentError, request_id: str | None = None) -> web.Resp
         err["amount_sat"] = exc.amount_sat
         err["payment_request"] = exc.payment_request
         headers["X-Cashu"] = exc.payment_request
+        if invoice is not None:
+            err["lightning"] = invoice_json(invoice)
     if isinstance(exc, RateLimited):
         err["retry_after_s"] = exc.retry_after_s
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     if request_id:
         headers["X-Request-Id"] = request_id
     return web.json_response({"error": err}, status=exc.http_status, headers=headers)
+
+
+def invoice_json(invoice: InvoiceRecord) -> dict[str, Any]:
+    """How to pay by Lightning instead: pay ``invoice``, then send ``X-Cashu-Quote: quote``."""
+    return {
+        "invoice": invoice.request,
+        "quote": invoice.quote_id,
+        "amount_sat": invoice.amount_sat,
+        "expiry": invoice.expiry,
+        "mint": invoice.mint,
+        "header": "X-Cashu-Quote",
+    }
+
+
+async def _offer_invoice(pipeline: Pipeline, exc: PaymentError) -> InvoiceRecord | None:
+    if not isinstance(exc, PaymentRequired):
+        return None
+    try:
+        return await pipeline.invoice(exc.amount_sat, transport="http")
+    except PaymentError:
+        return None
 
 
 def client_address(request: web.Request) -> str:
@@ -141,6 +177,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cfg = request.app[CONFIG]
     try:
         raw_token = request.headers.get("X-Cashu")
+        raw_quote = request.headers.get("X-Cashu-Quote", "").strip()
+        if raw_quote and raw_token:
+            raise BadRequest("send a token (X-Cashu) or a paid invoice (X-Cashu-Quote), not both")
         if raw_token is not None and len(raw_token) > cfg.http.max_token_bytes:
             raise BadRequest(
                 f"X-Cashu is {len(raw_token)} bytes; the limit is {cfg.http.max_token_bytes}"
@@ -152,11 +191,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest("the body is not valid JSON") from exc
         chat = chat_request_from_openai(body)
+        payment = QuotePayment(raw_quote) if raw_quote else parse_token_or_none(raw_token)
         answer = await pipeline.start(
-            chat, parse_token_or_none(raw_token), transport="http", payer=client_address(request)
+            chat, payment, transport="http", payer=client_address(request)
         )
     except PaymentError as exc:
-        return error_response(exc)
+        return error_response(exc, invoice=await _offer_invoice(pipeline, exc))
     if chat.stream:
         resp = await _stream(request, answer)
     else:
@@ -181,7 +221,11 @@ async def change(request: web.Request) -> web.Response:
         if isinstance(body, dict) and isinstance(body.get("request_id"), str):
             request_id = body["request_id"]
     try:
-        got = await pipeline.pickup(token=request.headers.get("X-Cashu"), request_id=request_id)
+        got = await pipeline.pickup(
+            token=request.headers.get("X-Cashu"),
+            request_id=request_id,
+            quote_id=request.headers.get("X-Cashu-Quote", "").strip() or None,
+        )
     except PaymentError as exc:
         return error_response(exc)
     rec = got.record
@@ -195,6 +239,8 @@ async def change(request: web.Request) -> web.Response:
         "charged_sat": rec.charged_sat,
         "refunded": rec.status == "refunded",
         "already_received": got.spent,
+        # the answer, when a crash kept it from the payer (sent once, then forgotten)
+        "answer": rec.answer,
     }
     headers = {"X-Request-Id": rec.id}
     if rec.change_token:
@@ -366,6 +412,7 @@ def make_app(cfg: Config, pipeline: Pipeline) -> web.Application:
     app.router.add_post("/v1/change", change)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/health", health)
+    DashboardView(cfg, pipeline).add_routes(app.router)  # /dashboard, /metrics
     return app
 
 

@@ -46,9 +46,10 @@ from bot.dm import DMRequest, error_text, parse_dm, price_text, receipt_line, sp
 from bot.errors import PaymentError, PaymentRequired, RateLimited, RequestTooLarge
 from bot.llm.gemini import Message
 from bot.outbox import Outbox
-from bot.pipeline import ChatRequest, Pipeline
+from bot.pipeline import Answer, ChatRequest, Pipeline, QuotePayment
+from mint_client.errors import QuoteUsed
 from mint_client.requests import Transport, decode_payment_request, payload_to_token
-from mint_client.store import PaymentRecord
+from mint_client.store import InvoiceRecord, PaymentRecord
 from mint_client.tokens import Token
 
 log = logging.getLogger("ecashbot.nostr")
@@ -60,6 +61,8 @@ KIND_GIFT_WRAP = 1059
 KIND_DM_RELAYS = 10050
 #: how long a question waits for the payment of the request we answered it with
 PENDING_QUESTION_TTL_S = 3600
+#: unpaid Lightning invoices one sender may have waiting at once
+MAX_WAITING_INVOICES = 5
 
 
 class Claims(Protocol):
@@ -134,6 +137,8 @@ class NostrTransport:
         #: questions waiting for the payment of a NUT-18 request we sent:
         #: request id -> (sender, model, question, when)
         self._pending: OrderedDict[str, tuple[str, str | None, str, float]] = OrderedDict()
+        #: questions waiting for their Lightning invoice to be paid: quote id -> sender
+        self._invoices: dict[str, str] = {}
         self._wake_outbox = asyncio.Event()
 
     @property
@@ -193,6 +198,15 @@ class NostrTransport:
             with contextlib.suppress(Exception):
                 await self.client.shutdown()
             self.client = None
+
+    async def relay_status(self) -> dict[str, str]:
+        """Each relay's connection state as the SDK sees it: ``connected``, ``connecting``,
+        ``disconnected``, ... (``stopped`` while the transport is not running)."""
+        client = self.client
+        if client is None:
+            return {url: "stopped" for url in self.ncfg.relays}
+        relays = await client.relays()
+        return {str(url): relay.status().name.lower() for url, relay in relays.items()}
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -302,6 +316,7 @@ class NostrTransport:
             )
             return
         if self._active.get(dm.sender, 0) >= self.ncfg.max_concurrent_per_sender:
+            self.pipeline.metrics.refused("nostr", RateLimited.code)
             await self._reply(
                 dm,
                 error_text(
@@ -345,11 +360,22 @@ class NostrTransport:
         return f"{text}\n\nA typical answer costs about {amount} sat. Payment request:\n{creq}"
 
     async def _resend_change(self, dm: IncomingDM) -> None:
-        """`/change`: the change tokens of the sender's recent payments that are unspent."""
+        """`/change`: what a crash kept from the sender (answer, change or refund, with what
+        it is), then the change tokens of their recent payments that are still unspent."""
         since = time.time() - self.cfg.wallet.change_pickup_ttl_s
         recs = await self.pipeline.wallet.store.payments_for(f"{dm.scheme}:{dm.sender}", since)
         tokens: list[str] = []
+        delivered = 0
         for rec in recs:
+            if (
+                rec.delivered_at is None
+                and rec.status in ("settled", "refunded")
+                and not self.pipeline.in_flight(rec.id)
+                and (rec.change_token or rec.answer is not None)
+            ):
+                await self.deliver_recovered(rec)
+                delivered += 1
+                continue
             if not rec.change_token:
                 continue
             try:
@@ -359,7 +385,8 @@ class NostrTransport:
             if not got.spent:
                 tokens.append(rec.change_token)
         if not tokens:
-            await self._reply(dm, "No unspent change is kept for you.")
+            if not delivered:
+                await self._reply(dm, "No unspent change is kept for you.")
             return
         await self._reply(
             dm, f"Here is the change of {len(tokens)} recent payment(s), one token per message."
@@ -368,8 +395,8 @@ class NostrTransport:
             await self._reply(dm, t, carries_change=True)
 
     async def deliver_recovered(self, rec: PaymentRecord) -> None:
-        """Send a change or refund that a crash kept from its payer, then mark it delivered."""
-        if not rec.reply_to or not rec.change_token:
+        """Send an answer, change or refund that a crash kept from its payer; mark it delivered."""
+        if not rec.reply_to or not (rec.change_token or rec.answer):
             return
         scheme, _, sender = rec.reply_to.partition(":")
         dm = IncomingDM(event_id=rec.id, sender=sender, text="", scheme=scheme)
@@ -380,7 +407,15 @@ class NostrTransport:
                 f"restarted). Nothing was charged: your {rec.change_sat} sat come back in the "
                 "next message.",
             )
-        await self._reply(dm, rec.change_token, carries_change=True)
+        elif rec.answer is not None:
+            line = (
+                f"-- sent again after a restart: charged {rec.charged_sat} sat, mint fee "
+                f"{rec.fee_sat} sat, change {rec.change_sat} sat"
+            )
+            for part in split_message(f"{rec.answer}\n\n{line}"):
+                await self._reply(dm, part)
+        if rec.change_token:
+            await self._reply(dm, rec.change_token, carries_change=True)
         await self.pipeline.wallet.store.mark_delivered(rec.id)
 
     def _transports(self) -> list[Transport]:
@@ -389,7 +424,9 @@ class NostrTransport:
     async def _ask(self, dm: IncomingDM, req: DMRequest) -> None:
         payment: str | Token | None = None
         question, model = req.question, req.model
-        if req.payload is not None:
+        if req.command == "invoice":
+            pass  # pay by Lightning even if the text holds a token
+        elif req.payload is not None:
             payment = payload_to_token(req.payload)
             waiting = self._pending.pop(req.payload.id or "", None)
             if (
@@ -401,6 +438,9 @@ class NostrTransport:
                 _, model, question, _ = waiting
         elif req.token is not None:
             payment = req.token
+        if not question and req.command == "invoice":
+            await self._reply(dm, "Send /invoice [SAT] <your question>, in one message.")
+            return
         if not question:
             await self._reply(
                 dm,
@@ -420,14 +460,113 @@ class NostrTransport:
             )
         except PaymentRequired as exc:
             self._remember_question(exc, dm.sender, question, model)
-            await self._reply(
-                dm,
-                error_text(exc) if payment else (f"{self._prices()}\n\n{error_text(exc)}"),
-            )
+            if not payment:
+                await self._offer_invoice(dm, req, chat, exc)
+                return
+            await self._reply(dm, error_text(exc))
             return
         except PaymentError as exc:
             await self._reply(dm, error_text(exc))
             return
+        await self._send_answer(dm, answer)
+
+    async def _offer_invoice(
+        self, dm: IncomingDM, req: DMRequest, chat: ChatRequest, exc: PaymentRequired
+    ) -> None:
+        """A question without a token: the prices, a payment request, and an invoice."""
+        intro = f"{self._prices()}\n\n{error_text(exc)}"
+        lcfg = self.cfg.lightning
+        amount = req.invoice_sat or lcfg.default_invoice_sat or exc.amount_sat
+        waiting = sum(1 for s in self._invoices.values() if s == dm.sender)
+        if req.invoice_sat is not None:
+            least = await self.pipeline.price_of(chat, self.cfg.limits.min_output_tokens)
+            if amount < least:
+                await self._reply(
+                    dm,
+                    f"{amount} sat is too little for this question: "
+                    f"ask for an invoice of at least {least} sat.",
+                )
+                return
+        if not lcfg.invoices or waiting >= MAX_WAITING_INVOICES:
+            await self._reply(dm, intro)
+            return
+        try:
+            invoice = await self.pipeline.invoice(
+                amount,
+                transport="nostr",
+                reply_to=f"{dm.scheme}:{dm.sender}",
+                description=f"{self.ncfg.name}: one question",
+            )
+        except PaymentError as err:
+            await self._reply(dm, f"{intro}\n\n{error_text(err)}")
+            return
+        if invoice is None:
+            await self._reply(dm, intro)
+            return
+        self._invoices[invoice.quote_id] = dm.sender
+        self._spawn(self._await_invoice(dm, invoice, chat))
+        minutes = max(1, round(((invoice.expiry or time.time() + 3600) - time.time()) / 60))
+        await self._reply(
+            dm,
+            f"{intro}\n\nOr pay the Lightning invoice in the next message ({invoice.amount_sat} "
+            f"sat, valid for {minutes} min): the answer comes as soon as it is paid, with "
+            "what it didn't use back as a Cashu token.",
+        )
+        await self._reply(dm, invoice.request)
+
+    async def _await_invoice(
+        self, dm: IncomingDM, invoice: InvoiceRecord, chat: ChatRequest
+    ) -> None:
+        """Answer the question once its invoice is paid; an unpaid one expires silently."""
+        try:
+            paid = await self.pipeline.wait_invoice(invoice)
+        except Exception:
+            log.exception("Nostr: waiting for invoice %s failed", invoice.quote_id[:12])
+            return  # if it gets paid, recovery refunds it (lightning.refund_unused_after_s)
+        finally:
+            self._invoices.pop(invoice.quote_id, None)
+        if not paid:
+            log.info("Nostr: invoice %s expired unpaid", invoice.quote_id[:12])
+            return
+        try:
+            answer = await self.pipeline.start(
+                chat,
+                QuotePayment(invoice.quote_id),
+                transport="nostr",
+                payer=f"npub:{dm.sender}",
+                reply_to=f"{dm.scheme}:{dm.sender}",
+                request_transports=self._transports(),
+            )
+        except QuoteUsed:
+            return  # answered, or refunded, by another process
+        except PaymentError as exc:
+            await self._refund_invoice(dm, invoice, exc)
+            return
+        await self._send_answer(dm, answer)
+
+    async def _refund_invoice(
+        self, dm: IncomingDM, invoice: InvoiceRecord, exc: PaymentError
+    ) -> None:
+        """A paid invoice whose question can't be answered now: all its sats go back."""
+        try:
+            rec = await self.pipeline.refund_invoice(
+                invoice.quote_id, transport="nostr", reply_to=f"{dm.scheme}:{dm.sender}"
+            )
+        except PaymentError as err:
+            log.warning("Nostr: refund of invoice %s postponed: %s", invoice.quote_id[:12], err)
+            return  # recovery refunds it later
+        if rec is None or not rec.change_token:
+            return
+        await self._reply(
+            dm,
+            f"Your invoice was paid, but the question can't be answered now ({exc.message}). "
+            f"Its {rec.change_sat} sat come back in the next message.",
+        )
+        await self._reply(dm, rec.change_token, carries_change=True)
+        await self.pipeline.wallet.store.mark_delivered(rec.id)
+
+    async def _send_answer(self, dm: IncomingDM, answer: Answer) -> None:
+        """The answer with its receipt, then the change token in a DM of its own."""
         text, receipt = await answer.result()
         s = receipt.settlement
         if receipt.refunded:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bot import failpoints
 from bot.config import Config, ModelConfig
 from bot.errors import (
     BadRequest,
@@ -37,12 +38,15 @@ from bot.errors import (
     UnknownModel,
 )
 from bot.llm.gemini import Generation, Message, UpstreamError, Usage
+from bot.metrics import Metrics
 from bot.state import Reservation, State, StateUnavailable, UsageEvent
+from mint_client.errors import QuoteNotPaid, QuoteUsed
+from mint_client.lnwallet import IncomingQuote, LightningWallet, quote_key
 from mint_client.protocol import MintRegistry
 from mint_client.requests import PaymentRequest, Transport, encode_payment_request
-from mint_client.store import PaymentRecord
+from mint_client.store import InvoiceRecord, PaymentRecord
 from mint_client.tokens import Token, parse_token
-from mint_client.wallet import Incoming, Wallet, token_hash
+from mint_client.wallet import Incoming, token_hash
 from pricing import (
     Quote,
     Settlement,
@@ -116,6 +120,13 @@ Event = TextDelta | Finished
 
 
 @dataclass(frozen=True, slots=True)
+class QuotePayment:
+    """A payment by Lightning: the NUT-04 quote id of a paid invoice (``X-Cashu-Quote``)."""
+
+    quote_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Pickup:
     """A payment's change fetched again; ``spent`` when the payer already received it."""
 
@@ -125,6 +136,9 @@ class Pickup:
 
 #: how long a redeemed token's claim is kept (replays are refused by the mint after that)
 TOKEN_CLAIM_TTL_S = 7 * 86400
+#: how long a token's claim holds before its redeem is journalled: a crash in between
+#: (rare, milliseconds) must not lock the payer out of their own token for a week
+TOKEN_CLAIM_PENDING_TTL_S = 60
 
 
 @dataclass(slots=True)
@@ -133,12 +147,40 @@ class _Prepared:
     chat: ChatRequest
     model: str
     model_cfg: ModelConfig
-    incoming: Incoming
+    incoming: Incoming | IncomingQuote
     quote: Quote
     transport: str
     claim_key: str
     reservation: Reservation | None
     reply_to: str | None
+
+
+class _Gate:
+    """Where the model's text goes: held until the payment clears, then passed on."""
+
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer
+        self._open = False
+        #: every piece of the answer so far (kept with the change until delivered)
+        self.parts: list[str] = []
+        #: when the first text went out to the payer
+        self.first_out_at: float | None = None
+
+    def put(self, text: str) -> None:
+        self.parts.append(text)
+        if self._open:
+            self._emit(text)
+
+    def open(self) -> None:
+        """The payment cleared: release what was held, pass on what comes."""
+        self._open = True
+        for text in self.parts:
+            self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if self.first_out_at is None:
+            self.first_out_at = time.monotonic()
+        self._answer._events.put_nowait(TextDelta(text))
 
 
 @dataclass(eq=False)
@@ -176,16 +218,25 @@ class Pipeline:
     """Paid questions in, answers and change out."""
 
     def __init__(
-        self, cfg: Config, wallet: Wallet, mints: MintRegistry, llm: LLM, state: State
+        self,
+        cfg: Config,
+        wallet: LightningWallet,
+        mints: MintRegistry,
+        llm: LLM,
+        state: State,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.wallet = wallet
         self.mints = mints
         self.llm = llm
         self.state = state
+        self.metrics = metrics if metrics is not None else Metrics()
         self._tasks: set[asyncio.Task[None]] = set()
         #: payment ids being served by this process: recovery leaves them alone
         self._in_flight: set[str] = set()
+        #: unused invoices already checked at their mint (quote id -> when)
+        self._invoice_checked: dict[str, float] = {}
 
     # -- shared state: limits and budget, all before any money moves --------------------
 
@@ -225,14 +276,81 @@ class Pipeline:
             )
         return res
 
-    async def _undo_before_money(self, prep: _Prepared) -> None:
-        """A request refused after its claim and reservation but before redeeming."""
+    async def _undo_before_money(self, prep: _Prepared, wasted_tokens: int = 0) -> None:
+        """A request refused after its claim and reservation but before redeeming.
+
+        ``wasted_tokens``: what the model already spent on it (the fast path's overlap);
+        the budget is settled to that, and the statistics count it.
+        """
         try:
             await self.state.release(prep.claim_key)
             if prep.reservation is not None:
-                await self.state.settle_budget(prep.reservation, 0)
+                await self.state.settle_budget(prep.reservation, wasted_tokens)
         except StateUnavailable:
             log.warning("payment %s: could not release its claim", prep.request_id)
+
+    async def _generate(self, gen: Generation, gate: _Gate, *, stream: bool) -> Usage:
+        """Run the model into ``gate``; its usage (UpstreamError when it gives none)."""
+        usage: Usage | None = None
+        if stream:
+            async for item in self.llm.stream(gen):
+                if isinstance(item, str):
+                    gate.put(item)
+                else:
+                    usage = item
+        else:
+            text, usage = await self.llm.generate(gen)
+            gate.put(text)
+        if usage is None:
+            raise UpstreamError("model gave no usage")
+        return usage
+
+    async def _cancel_early(
+        self, prep: _Prepared, early: asyncio.Task[Usage] | None, gate: _Gate
+    ) -> int:
+        """The payment failed: stop a model call the fast path started, count its cost.
+
+        Returns the model tokens it used (from its usage when it had finished, else
+        estimated from the prompt and the text that came): they are wasted, counted in
+        the statistics and the budget. What the payer's request took from its rate-limit
+        buckets is not given back, so payers whose payments fail are slowed down.
+        """
+        if early is None:
+            return 0
+        early.cancel()
+        await asyncio.wait([early])
+        if not early.cancelled() and early.exception() is None:
+            u = early.result()
+            wasted = u.prompt_tokens + u.output_tokens
+        else:
+            out_bytes = len("".join(gate.parts).encode())
+            wasted = prep.quote.input_tokens_estimate + (out_bytes + 3) // 4
+        self.metrics.wasted(prep.transport, prep.model, wasted)
+        log.info(
+            "payment %s: payment failed; model call cancelled, %d tokens wasted",
+            prep.request_id,
+            wasted,
+        )
+        try:
+            await self.state.record(
+                UsageEvent(
+                    transport=prep.transport,
+                    model=prep.model,
+                    input_tokens=0,
+                    output_tokens=0,
+                    thinking_tokens=0,
+                    charged_sat=0,
+                    change_sat=0,
+                    fee_sat=0,
+                    refunded=False,
+                    refund_sat=0,
+                    failed_payment=True,
+                    wasted_tokens=wasted,
+                )
+            )
+        except StateUnavailable:
+            log.warning("payment %s: wasted tokens not recorded (state down)", prep.request_id)
+        return wasted
 
     # -- before any money moves ---------------------------------------------------------
 
@@ -311,7 +429,7 @@ class Pipeline:
     async def start(
         self,
         chat: ChatRequest,
-        payment: str | Token | None,
+        payment: str | Token | QuotePayment | None,
         *,
         transport: str,
         payer: str,
@@ -324,7 +442,32 @@ class Pipeline:
         ``TokenSpent`` (or a pending mint answer), the payer's token was not spent.
         ``payer`` (a Nostr pubkey or a client address) keys the rate limits; ``reply_to``
         says where a refund goes if a crash interrupts the answer (None: kept for pickup).
+        ``payment`` is a token, or a :class:`QuotePayment` (a paid Lightning invoice): the
+        invoice is minted instead of the token swapped, and the rest is the same.
         """
+        try:
+            return await self._start(
+                chat,
+                payment,
+                transport=transport,
+                payer=payer,
+                reply_to=reply_to,
+                request_transports=request_transports,
+            )
+        except PaymentError as exc:
+            self.metrics.refused(transport, exc.code)
+            raise
+
+    async def _start(
+        self,
+        chat: ChatRequest,
+        payment: str | Token | QuotePayment | None,
+        *,
+        transport: str,
+        payer: str,
+        reply_to: str | None,
+        request_transports: Sequence[Transport],
+    ) -> Answer:
         request_id = uuid.uuid4().hex
         rl = self.cfg.rate_limit
         await self._take(f"req:{payer}", rl.requests_capacity, rl.requests_per_s, 1)
@@ -341,16 +484,11 @@ class Pipeline:
                     amount, description=f"ecashbot: {model}", transports=request_transports
                 ),
             )
-        if isinstance(payment, str):
-            if len(payment) > self.cfg.http.max_token_bytes:
-                raise RequestTooLarge(
-                    f"the token is {len(payment)} bytes; the limit is "
-                    f"{self.cfg.http.max_token_bytes}"
-                )
-            token = parse_token(payment, max_len=self.cfg.http.max_token_bytes)
+        incoming: Incoming | IncomingQuote
+        if isinstance(payment, QuotePayment):
+            incoming = await self.wallet.inspect_quote(payment.quote_id)
         else:
-            token = payment
-        incoming = await self.wallet.inspect(token)
+            incoming = await self.wallet.inspect(self._token(payment))
         q = quote(
             model_cfg.price(),
             paid_sat=incoming.amount_sat,
@@ -383,12 +521,14 @@ class Pipeline:
         reservation = await self._reserve_budget(model, llm_tokens)
         claim_key = f"token:{incoming.token_hash}"
         try:
-            first = await self.state.claim(claim_key, TOKEN_CLAIM_TTL_S)
+            first = await self.state.claim(claim_key, TOKEN_CLAIM_PENDING_TTL_S)
         except StateUnavailable as exc:
             raise ServiceUnavailable("the bot's state store is down; nothing was charged") from exc
         if not first:
             if reservation is not None:
                 await self.state.settle_budget(reservation, 0)
+            if isinstance(incoming, IncomingQuote):
+                raise QuoteUsed("this invoice was already used for an earlier question")
             raise TokenSpent("this token was already spent on an earlier question")
         prep = _Prepared(
             request_id,
@@ -416,48 +556,156 @@ class Pipeline:
         await asyncio.shield(answer._redeemed)
         return answer
 
+    def _token(self, payment: str | Token) -> Token:
+        if isinstance(payment, Token):
+            return payment
+        if len(payment) > self.cfg.http.max_token_bytes:
+            raise RequestTooLarge(
+                f"the token is {len(payment)} bytes; the limit is {self.cfg.http.max_token_bytes}"
+            )
+        return parse_token(payment, max_len=self.cfg.http.max_token_bytes)
+
+    # -- paying by Lightning: invoices (NUT-04 quotes) that pay a question ----------------
+
+    async def invoice(
+        self,
+        amount_sat: int,
+        *,
+        transport: str,
+        reply_to: str | None = None,
+        description: str = "ecashbot",
+    ) -> InvoiceRecord | None:
+        """A Lightning invoice for ``amount_sat`` at the first mint; None when off or failing.
+
+        Whoever pays it names its quote id instead of a token (:class:`QuotePayment`).
+        """
+        if not self.cfg.lightning.invoices:
+            return None
+        if not 0 < amount_sat <= self.cfg.lightning.max_invoice_sat:
+            raise BadRequest(
+                f"an invoice can be for 1 to {self.cfg.lightning.max_invoice_sat} sat, "
+                f"not {amount_sat}"
+            )
+        try:
+            return await self.wallet.create_invoice(
+                amount_sat, transport=transport, reply_to=reply_to, description=description
+            )
+        except PaymentError as exc:
+            log.warning("no invoice for %d sat: %s", amount_sat, exc.message)
+            return None
+
+    async def wait_invoice(self, invoice: InvoiceRecord) -> bool:
+        """Wait until ``invoice`` is paid (True) or its quote expires (False)."""
+        return await self.wallet.wait_paid(invoice, poll_s=self.cfg.lightning.poll_interval_s)
+
+    async def refund_invoice(
+        self, quote_id: str, *, transport: str, reply_to: str | None
+    ) -> PaymentRecord | None:
+        """Mint a paid invoice whose question won't be answered, and keep it all as a refund.
+
+        The refund goes out like any change (DM, or POST /v1/change with X-Cashu-Quote).
+        None when another request claimed the invoice first.
+        """
+        incoming = await self.wallet.inspect_quote(quote_id)
+        claim_key = f"token:{incoming.token_hash}"
+        try:
+            if not await self.state.claim(claim_key, TOKEN_CLAIM_TTL_S):
+                return None
+        except StateUnavailable as exc:
+            raise ServiceUnavailable("the bot's state store is down") from exc
+        request_id = uuid.uuid4().hex
+        self._in_flight.add(request_id)
+        try:
+            try:
+                await self.wallet.redeem(incoming, request_id, transport, reply_to=reply_to)
+            except PaymentError as exc:
+                if exc.token_untouched:
+                    await self.state.release(claim_key)
+                raise
+            await self.wallet.settle(
+                request_id, charged_sat=0, change_sat=incoming.amount_sat, refund=True
+            )
+        finally:
+            self._in_flight.discard(request_id)
+        log.info("invoice %s: %d sat minted and kept as a refund", quote_id, incoming.amount_sat)
+        return await self.wallet.store.payment(request_id)
+
+    async def _refund_unused_invoices(self) -> None:
+        """Paid invoices nobody used (or whose question a restart lost): refund them."""
+        now = time.time()
+        after = self.cfg.lightning.refund_unused_after_s
+        for inv in await self.wallet.store.invoices_in("open"):
+            if inv.expiry is not None and inv.expiry <= now:
+                await self.wallet.store.set_invoice_status(inv.quote_id, "expired")
+                continue
+            expiring = inv.expiry is not None and inv.expiry - now < 300
+            checked = self._invoice_checked.get(inv.quote_id)
+            if now - inv.created_at < after or (checked is not None and not expiring):
+                continue
+            self._invoice_checked[inv.quote_id] = now
+            try:
+                await self.refund_invoice(
+                    inv.quote_id, transport=inv.transport, reply_to=inv.reply_to
+                )
+            except QuoteNotPaid:
+                continue  # unpaid: it expires silently
+            except QuoteUsed:
+                await self.wallet.store.set_invoice_status(inv.quote_id, "claimed")
+            except (PaymentError, StateUnavailable) as exc:
+                log.warning("invoice %s: refund postponed (%s)", inv.quote_id, exc)
+            except Exception:
+                log.exception("invoice %s: refund failed; trying again later", inv.quote_id)
+
     # -- after the money moved ----------------------------------------------------------
 
     async def _serve(self, prep: _Prepared, answer: Answer) -> None:
         started = time.monotonic()
-        try:
-            await self.wallet.redeem(
-                prep.incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
-            )
-        except PaymentError as exc:
-            if exc.token_untouched:
-                await self._undo_before_money(prep)
-            answer._redeemed.set_exception(exc)
-            return
-        except Exception as exc:
-            log.exception("payment %s: redeem failed unexpectedly", prep.request_id)
-            answer._redeemed.set_exception(
-                PaymentError(f"internal error while redeeming: {type(exc).__name__}")
-            )
-            return
-        answer._redeemed.set_result(None)
-
-        price = prep.model_cfg.price()
         gen = Generation(
             model=prep.model,
             messages=prep.chat.messages,
             max_output_tokens=prep.quote.max_output_tokens,
             thinking_budget=prep.model_cfg.thinking_budget,
         )
+        gate = _Gate(answer)
+        # the fast path: the model starts now, with the swap; nothing leaves the gate
+        # before the swap clears, and a failed swap cancels the call
+        early: asyncio.Task[Usage] | None = None
+        if self.cfg.fast_path.overlap:
+            early = asyncio.create_task(self._generate(gen, gate, stream=prep.chat.stream))
+        try:
+            await self.wallet.redeem(
+                prep.incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
+            )
+        except BaseException as exc:
+            wasted = await self._cancel_early(prep, early, gate)
+            if isinstance(exc, PaymentError):
+                if exc.token_untouched:
+                    await self._undo_before_money(prep, wasted)
+                answer._redeemed.set_exception(exc)
+                return
+            if not isinstance(exc, Exception):
+                raise
+            log.exception("payment %s: redeem failed unexpectedly", prep.request_id)
+            answer._redeemed.set_exception(
+                PaymentError(f"internal error while redeeming: {type(exc).__name__}")
+            )
+            return
+        answer._redeemed.set_result(None)
+        try:
+            await self.state.extend(prep.claim_key, TOKEN_CLAIM_TTL_S)
+        except StateUnavailable:
+            log.warning("payment %s: token claim not extended (state down)", prep.request_id)
+        failpoints.hit("after_redeem")
+        gate.open()
+
+        price = prep.model_cfg.price()
         usage: Usage | None = None
         error: str | None = None
         try:
-            if prep.chat.stream:
-                async for item in self.llm.stream(gen):
-                    if isinstance(item, str):
-                        answer._events.put_nowait(TextDelta(item))
-                    else:
-                        usage = item
+            if early is not None:
+                usage = await early
             else:
-                text, usage = await self.llm.generate(gen)
-                answer._events.put_nowait(TextDelta(text))
-            if usage is None:
-                raise UpstreamError("model gave no usage")
+                usage = await self._generate(gen, gate, stream=prep.chat.stream)
             s = settle(
                 price,
                 prep.quote,
@@ -472,12 +720,14 @@ class Pipeline:
             error = f"internal error: {type(exc).__name__}"
             s = refund(prep.quote)
 
+        failpoints.hit("after_answer")
         try:
             token = await self.wallet.settle(
                 prep.request_id,
                 charged_sat=s.charged_sat,
                 change_sat=s.change_sat,
                 refund=error is not None,
+                answer=None if error is not None else "".join(gate.parts),
             )
         except Exception:
             # the proofs stay reserved for this payment in the store; recovery makes the
@@ -485,7 +735,8 @@ class Pipeline:
             log.exception("payment %s: settlement failed", prep.request_id)
             token = None
             error = (error or "") + " (change could not be made now; it is kept for you)"
-        await self._account(prep, s, usage, refunded=error is not None)
+        failpoints.hit("after_settle")
+        event = await self._account(prep, s, usage, refunded=error is not None)
         receipt = Receipt(
             request_id=prep.request_id,
             model=prep.model,
@@ -496,48 +747,87 @@ class Pipeline:
         )
         answer.receipt = receipt
         answer._events.put_nowait(Finished(receipt))
-        log.info(
-            "paid request id=%s transport=%s model=%s in=%d out=%d paid=%d fee=%d "
-            "charged=%d change=%d outcome=%s latency_ms=%d",
-            prep.request_id,
-            prep.transport,
-            prep.model,
-            s.input_tokens,
-            s.output_tokens,
-            s.paid_sat,
-            s.fee_sat,
-            s.charged_sat,
-            s.change_sat,
-            "refunded" if error else "answered",
-            (time.monotonic() - started) * 1000,
+        self._report(
+            prep,
+            event,
+            s,
+            latency_s=time.monotonic() - started,
+            ttft_s=None if gate.first_out_at is None else gate.first_out_at - started,
         )
 
     async def _account(
         self, prep: _Prepared, s: Settlement, usage: Usage | None, *, refunded: bool
-    ) -> None:
+    ) -> UsageEvent:
         """Budget and statistics after the money moved: logged on failure, never refused."""
         used = usage.prompt_tokens + usage.output_tokens if usage is not None else 0
+        event = UsageEvent(
+            transport=prep.transport,
+            model=prep.model,
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.output_tokens if usage else 0,
+            thinking_tokens=usage.thoughts_tokens if usage else 0,
+            charged_sat=s.charged_sat,
+            change_sat=0 if refunded else s.change_sat,
+            fee_sat=s.fee_sat,
+            refunded=refunded,
+            refund_sat=s.change_sat if refunded else 0,
+        )
         try:
             if prep.reservation is not None:
                 await self.state.settle_budget(prep.reservation, used)
-            await self.state.record(
-                UsageEvent(
-                    transport=prep.transport,
-                    model=prep.model,
-                    input_tokens=usage.prompt_tokens if usage else 0,
-                    output_tokens=usage.output_tokens if usage else 0,
-                    thinking_tokens=usage.thoughts_tokens if usage else 0,
-                    charged_sat=s.charged_sat,
-                    change_sat=0 if refunded else s.change_sat,
-                    fee_sat=s.fee_sat,
-                    refunded=refunded,
-                    refund_sat=s.change_sat if refunded else 0,
-                )
-            )
+            await self.state.record(event)
         except StateUnavailable:
             log.warning("payment %s: statistics not recorded (state down)", prep.request_id)
+        return event
+
+    def _report(
+        self,
+        prep: _Prepared,
+        event: UsageEvent,
+        s: Settlement,
+        *,
+        latency_s: float,
+        ttft_s: float | None,
+    ) -> None:
+        """The one log line and the metrics of a paid request (never a token or secret)."""
+        self.metrics.paid(event, paid_sat=s.paid_sat, latency_s=latency_s, ttft_s=ttft_s)
+        fields = {
+            "event": "paid_request",
+            "request_id": prep.request_id,
+            "transport": event.transport,
+            "model": event.model,
+            "input_tokens": event.input_tokens,
+            "output_tokens": event.output_tokens,
+            "paid_sat": s.paid_sat,
+            "fee_sat": s.fee_sat,
+            "charged_sat": event.charged_sat,
+            "change_sat": s.change_sat,
+            "outcome": "refunded" if event.refunded else "answered",
+            "latency_ms": round(latency_s * 1000),
+            "ttft_ms": None if ttft_s is None else round(ttft_s * 1000),
+        }
+        log.info(
+            "paid request id=%s transport=%s model=%s in=%d out=%d paid=%d fee=%d "
+            "charged=%d change=%d outcome=%s latency_ms=%d",
+            prep.request_id,
+            event.transport,
+            event.model,
+            event.input_tokens,
+            event.output_tokens,
+            s.paid_sat,
+            s.fee_sat,
+            event.charged_sat,
+            s.change_sat,
+            fields["outcome"],
+            fields["latency_ms"],
+            extra=fields,
+        )
 
     # -- after a crash, and for payers who lost their change -----------------------------
+
+    def in_flight(self, request_id: str) -> bool:
+        """Whether this process is still answering or settling ``request_id``."""
+        return request_id in self._in_flight
 
     async def recover(self, min_age_s: float) -> list[PaymentRecord]:
         """Resolve interrupted payments; return those whose change must be sent again.
@@ -547,6 +837,7 @@ class Pipeline:
         never handed to the transport.
         """
         report = await self.wallet.recover(busy=set(self._in_flight), min_age_s=min_age_s)
+        await self._refund_unused_invoices()
         for rec in report.released:
             try:
                 await self.state.release(f"token:{rec.token_hash}")
@@ -557,16 +848,19 @@ class Pipeline:
             r
             for r in await self.wallet.store.payments_in("settled", "refunded")
             if r.reply_to
-            and r.change_token
+            and (r.change_token or r.answer is not None)
             and r.delivered_at is None
             and r.id not in self._in_flight
             and now - r.created_at >= min_age_s
         ]
 
-    async def pickup(self, *, token: str | None, request_id: str | None) -> Pickup:
+    async def pickup(
+        self, *, token: str | None, request_id: str | None, quote_id: str | None = None
+    ) -> Pickup:
         """The change (or refund) of an earlier payment, again (POST /v1/change).
 
-        Found by the payment token the payer sent, or by the request id they were given.
+        Found by the payment token the payer sent, the quote id of the invoice they paid,
+        or the request id they were given.
         """
         rec: PaymentRecord | None = None
         if request_id:
@@ -575,6 +869,9 @@ class Pipeline:
             found = await self.wallet.store.payments_by_token(
                 token_hash(parse_token(token, max_len=self.cfg.http.max_token_bytes).proofs)
             )
+            rec = next((r for r in found if r.status != "failed"), None)
+        elif quote_id:
+            found = await self.wallet.store.payments_by_token(quote_key(quote_id))
             rec = next((r for r in found if r.status != "failed"), None)
         else:
             raise BadRequest("send the payment token in X-Cashu, or the request id")
@@ -594,6 +891,9 @@ class Pipeline:
             states = await self.mints.api(rec.mint).check_state(p.Y() for p in change.proofs)
             spent = bool(states) and all(v == "SPENT" for v in states.values())
         await self.wallet.store.count_pickup(rec.id)
+        if rec.delivered_at is None:
+            # the answer (kept because a crash came before delivery) is now delivered
+            await self.wallet.store.mark_delivered(rec.id)
         return Pickup(record=rec, spent=spent)
 
     async def drain(self, timeout_s: float = 30.0) -> None:

@@ -94,6 +94,15 @@ class MintBusy(MintUnavailable):
     code = "mint_busy"
 
 
+class SwapPending(MintUnavailable):
+    """The swap was sent but its outcome is unknown (the mint went quiet): the token may
+    be spent already. Recovery resolves it (NUT-07/NUT-09) and refunds or answers; the
+    payer must not spend the token elsewhere in the meantime."""
+
+    code = "payment_pending"
+    token_untouched = False
+
+
 class MalformedPaymentRequest(MalformedToken):
     """A NUT-18 payment request (``creqA...``) that does not decode."""
 
@@ -108,3 +117,80 @@ class InvalidMintUrl(UntrustedMint, ValueError):
     """
 
     code = "invalid_mint_url"
+
+
+# -- Lightning (NUT-04 mint quotes as payments, NUT-05 melts) ----------------------------
+
+
+class QuoteError(PaymentError):
+    """A paid Lightning invoice (a NUT-04 mint quote id) that can't pay for this request."""
+
+    code = "quote_error"
+
+
+class UnknownQuote(QuoteError):
+    """No trusted mint knows this quote id."""
+
+    http_status = 404
+    code = "unknown_quote"
+
+
+class QuoteNotPaid(QuoteError):
+    """The quote's invoice is not paid (yet). Pay it, then send the quote id again."""
+
+    http_status = 402
+    code = "quote_not_paid"
+
+
+class QuoteUsed(QuoteError):
+    """The quote's ecash was already minted: the invoice paid for an earlier request."""
+
+    http_status = 409
+    code = "quote_used"
+    token_untouched = False
+
+
+class QuoteExpired(QuoteError):
+    """The quote expired before its ecash was minted; the mint no longer issues it."""
+
+    http_status = 410
+    code = "quote_expired"
+
+
+class LightningFailed(MintError):
+    """The mint could not pay the Lightning invoice of a melt (NUT-05); inputs not spent."""
+
+    code = "lightning_failed"
+
+
+class WalletError(Exception):
+    """An operation of the operator's own wallet (send, withdraw, payout) failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InsufficientFunds(WalletError):
+    """The wallet holds too little free ecash at that mint for the operation."""
+
+    def __init__(self, message: str, *, need_sat: int, have_sat: int) -> None:
+        super().__init__(message)
+        self.need_sat = need_sat
+        self.have_sat = have_sat
+
+
+class FeeTooHigh(WalletError):
+    """The mint's Lightning fee reserve is above the limit set for this payment."""
+
+
+class BadInvoice(WalletError):
+    """A bolt11 invoice we can't pay: undecodable, without an amount, or the wrong amount."""
+
+
+class MeltFailed(WalletError):
+    """The Lightning payment failed; the proofs it would have spent are free again."""
+
+
+class MeltPending(WalletError):
+    """The Lightning payment is still in flight at the mint; recovery will finish it."""

@@ -45,6 +45,11 @@ class MintRejected(TokenError):
 
     code = "token_rejected"
 
+    def __init__(self, message: str, mint_code: int | None = None) -> None:
+        super().__init__(message)
+        #: the mint's NUT error code (e.g. 20001 quote not paid), when it sent one
+        self.mint_code = mint_code
+
 
 @dataclass(frozen=True, slots=True)
 class Keyset:
@@ -247,7 +252,7 @@ def _raise_for_mint_error(status: int, data: Any) -> None:
     if _TRANSIENT.search(detail):
         raise MintBusy(f"the mint is busy: {detail[:200]}", mint_code=code)
     if status in (400, 422):
-        raise MintRejected(f"the mint rejected the token: {detail[:200]}")
+        raise MintRejected(f"the mint rejected the token: {detail[:200]}", mint_code=code)
     raise MintError(f"mint error (HTTP {status}): {detail[:200]}", mint_code=code)
 
 

@@ -8,6 +8,13 @@ Proof states:
   ``reserved``  signed for a payment still in flight; only that payment may touch them
   ``held``      the bot's own (what it earned)
   ``issued``    given back as change or refund; no longer ours
+  ``spending``  set aside for a transfer out in flight (``spent_by`` names it)
+  ``spent``     spent by the mint in a transfer out (a melt, or the swap of a send)
+  ``sent``      handed out by the operator in a token (``wallet send``); no longer ours
+
+A proof's ``payment_id`` is where it came from: the payment it was redeemed or minted
+for, or the transfer whose change it is. The record also keeps the Lightning invoices
+handed to payers (``invoices``) and every transfer out (``transfers``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +58,8 @@ CREATE TABLE IF NOT EXISTS payments (
     reply_to      TEXT,
     delivered_at  REAL,
     pickups       INTEGER NOT NULL DEFAULT 0,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    answer        TEXT
 );
 CREATE INDEX IF NOT EXISTS payments_token ON payments(token_hash);
 CREATE INDEX IF NOT EXISTS payments_status ON payments(status);
@@ -73,6 +81,45 @@ CREATE TABLE IF NOT EXISTS proofs (
 );
 CREATE INDEX IF NOT EXISTS proofs_payment ON proofs(payment_id);
 CREATE INDEX IF NOT EXISTS proofs_state ON proofs(state, mint);
+CREATE TABLE IF NOT EXISTS invoices (
+    quote_id   TEXT PRIMARY KEY,
+    mint       TEXT NOT NULL,
+    unit       TEXT NOT NULL,
+    amount_sat INTEGER NOT NULL,
+    request    TEXT NOT NULL,
+    expiry     INTEGER,
+    transport  TEXT NOT NULL,
+    reply_to   TEXT,
+    status     TEXT NOT NULL,
+    payment_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS invoices_status ON invoices(status, created_at);
+CREATE TABLE IF NOT EXISTS transfers (
+    id                TEXT PRIMARY KEY,
+    kind              TEXT NOT NULL,
+    mint              TEXT NOT NULL,
+    unit              TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    input_ys          TEXT NOT NULL,
+    input_sat         INTEGER NOT NULL,
+    input_fee_sat     INTEGER NOT NULL,
+    amount_sat        INTEGER NOT NULL,
+    fee_reserve_sat   INTEGER NOT NULL,
+    keyset_id         TEXT NOT NULL,
+    counter_start     INTEGER NOT NULL,
+    amounts           TEXT NOT NULL,
+    destination       TEXT,
+    quote_id          TEXT,
+    lightning_fee_sat INTEGER,
+    change_sat        INTEGER,
+    token             TEXT,
+    preimage          TEXT,
+    created_at        REAL NOT NULL,
+    updated_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transfers_status ON transfers(status, created_at);
 """
 
 
@@ -101,12 +148,15 @@ class PaymentRecord:
     created_at: float = 0.0
     delivered_at: float | None = None
     pickups: int = 0
+    #: the answer, kept from settlement until it is delivered: a crash in between loses
+    #: neither the change nor what it paid for
+    answer: str | None = None
 
 
 _PAYMENT_COLUMNS = (
     "id, transport, mint, unit, token_hash, input_ys, paid_sat, fee_sat, keyset_id, "
     "counter_start, amounts, status, charged_sat, change_sat, change_token, reply_to, "
-    "created_at, delivered_at, pickups"
+    "created_at, delivered_at, pickups, answer"
 )
 
 
@@ -131,6 +181,7 @@ def _row_payment(row: Sequence[Any]) -> PaymentRecord:
         created_at=row[16],
         delivered_at=row[17],
         pickups=row[18],
+        answer=row[19],
     )
 
 
@@ -143,6 +194,68 @@ class StoredProof:
     unit: str
     state: str
     payment_id: str | None
+    #: the transfer that spent (or is spending, or sent) the proof
+    spent_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvoiceRecord:
+    """A Lightning invoice (a NUT-04 mint quote) the bot gave a payer to pay a question with."""
+
+    quote_id: str
+    mint: str
+    unit: str
+    amount_sat: int
+    request: str
+    expiry: int | None
+    transport: str
+    #: where a refund goes if the question is lost ("nip17:<hex pubkey>"); None for HTTP
+    reply_to: str | None = None
+    #: ``open`` (handed out), ``claimed`` (a payment mints it), ``expired``
+    status: str = "open"
+    payment_id: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    """Ecash the operator moved out: a token (``send``) or a Lightning payment (``melt``).
+
+    Every sat of the inputs is accounted for once done:
+    ``input_sat = amount_sat + input_fee_sat + lightning_fee_sat + change_sat``.
+    """
+
+    id: str
+    kind: str
+    mint: str
+    unit: str
+    #: ``pending`` (inputs set aside, mint call may be in flight), ``done``, ``failed``
+    status: str
+    input_ys: list[str]
+    input_sat: int
+    #: NUT-02 fee of the inputs
+    input_fee_sat: int
+    #: what left the wallet: the token's value, or the invoice's amount
+    amount_sat: int
+    #: the melt quote's Lightning fee reserve (0 for a token)
+    fee_reserve_sat: int
+    #: deterministic (NUT-13) outputs: NUT-08 blanks for a melt, send + keep for a swap
+    keyset_id: str
+    counter_start: int
+    amounts: list[int]
+    #: the bolt11 invoice, "<lightning address>: <bolt11>", or None for a token
+    destination: str | None = None
+    quote_id: str | None = None
+    lightning_fee_sat: int | None = None
+    change_sat: int | None = None
+    token: str | None = None
+    preimage: str | None = None
+    created_at: float = 0.0
+
+    @property
+    def fee_sat(self) -> int:
+        """Every fee the transfer cost: the mint's input fee and the Lightning fee."""
+        return self.input_fee_sat + (self.lightning_fee_sat or 0)
 
 
 class StoreError(Exception):
@@ -168,6 +281,13 @@ class ProofStore:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(_SCHEMA)
+        columns = {str(r[1]) for r in db.execute("PRAGMA table_info(payments)")}
+        if "answer" not in columns:  # a journal from before answers were kept
+            db.execute("ALTER TABLE payments ADD COLUMN answer TEXT")
+        proof_columns = {str(r[1]) for r in db.execute("PRAGMA table_info(proofs)")}
+        if "spent_by" not in proof_columns:  # a store from before transfers out
+            db.execute("ALTER TABLE proofs ADD COLUMN spent_by TEXT")
+        db.execute("CREATE INDEX IF NOT EXISTS proofs_spent_by ON proofs(spent_by)")
         self._db = db
 
     async def close(self) -> None:
@@ -227,8 +347,8 @@ class ProofStore:
             db.execute(
                 "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
                 "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
-                "charged_sat, change_sat, change_token, updated_at) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "charged_sat, change_sat, change_token, reply_to, updated_at) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.id,
                     now,
@@ -246,6 +366,7 @@ class ProofStore:
                     rec.charged_sat,
                     rec.change_sat,
                     rec.change_token,
+                    rec.reply_to,
                     now,
                 ),
             )
@@ -308,6 +429,7 @@ class ProofStore:
         change_ys: Sequence[str],
         change_sat: int,
         change_token: str | None,
+        answer: str | None = None,
     ) -> None:
         """Give ``change_ys`` out as change and keep the rest, in one transaction.
 
@@ -340,8 +462,8 @@ class ProofStore:
             )
             db.execute(
                 "UPDATE payments SET status=?, charged_sat=?, change_sat=?, change_token=?, "
-                "updated_at=? WHERE id=?",
-                (status, charged_sat, change_sat, change_token, now, payment_id),
+                "answer=?, updated_at=? WHERE id=?",
+                (status, charged_sat, change_sat, change_token, answer, now, payment_id),
             )
 
         await self._run(self._tx, tx)
@@ -381,13 +503,16 @@ class ProofStore:
         return await self._run(q)
 
     async def mark_delivered(self, payment_id: str) -> None:
-        """The change (or refund) was handed to the payer's transport."""
+        """The answer and change (or refund) were handed to the payer's transport.
+
+        The kept answer is dropped then: it was only kept for a crash in between.
+        """
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE payments SET delivered_at=COALESCE(delivered_at, ?), updated_at=? "
-                "WHERE id=?",
+                "UPDATE payments SET delivered_at=COALESCE(delivered_at, ?), answer=NULL, "
+                "updated_at=? WHERE id=?",
                 (now, now, payment_id),
             )
 
@@ -434,14 +559,275 @@ class ProofStore:
             assert self._db is not None
             rows = self._db.execute(
                 "SELECT amount, keyset_id, secret, c, dleq_e, dleq_s, dleq_r, mint, unit, "
-                "state, payment_id FROM proofs"
+                "state, payment_id, spent_by FROM proofs"
             ).fetchall()
             return [
                 StoredProof(
-                    proof=_row_proof(r[:7]), mint=r[7], unit=r[8], state=r[9], payment_id=r[10]
+                    proof=_row_proof(r[:7]),
+                    mint=r[7],
+                    unit=r[8],
+                    state=r[9],
+                    payment_id=r[10],
+                    spent_by=r[11],
                 )
                 for r in rows
             ]
+
+        return await self._run(q)
+
+    # -- Lightning invoices (NUT-04 quotes users pay) and transfers out (NUT-05, tokens) --
+
+    async def add_invoice(self, rec: InvoiceRecord) -> None:
+        """Record an invoice handed to a payer (before they can pay it)."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            _upsert_invoice(db, rec, now)
+
+        await self._run(self._tx, tx)
+
+    async def invoice(self, quote_id: str) -> InvoiceRecord | None:
+        """One invoice by its quote id, or None."""
+        found = await self._invoices("WHERE quote_id=?", (quote_id,))
+        return found[0] if found else None
+
+    async def invoices_in(self, *statuses: str) -> list[InvoiceRecord]:
+        """Invoices in any of ``statuses``, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        return await self._invoices(f"WHERE status IN ({marks}) ORDER BY created_at", statuses)
+
+    async def set_invoice_status(self, quote_id: str, status: str) -> None:
+        """Move an invoice to ``status`` (``expired`` when its quote lapsed unpaid)."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE invoices SET status=?, updated_at=? WHERE quote_id=?",
+                (status, time.time(), quote_id),
+            )
+
+        await self._run(self._tx, tx)
+
+    async def _invoices(self, where: str, args: Sequence[Any]) -> list[InvoiceRecord]:
+        def q() -> list[InvoiceRecord]:
+            assert self._db is not None
+            rows = self._db.execute(
+                f"SELECT {_INVOICE_COLUMNS} FROM invoices {where}", tuple(args)
+            ).fetchall()
+            return [_row_invoice(r) for r in rows]
+
+        return await self._run(q)
+
+    async def begin_quote_payment(self, rec: PaymentRecord, invoice: InvoiceRecord) -> None:
+        """Record a payment by a paid invoice before its ecash is minted, in one transaction.
+
+        The payment (status ``redeeming``, ``token_hash`` ``quote:<id>``, no inputs, no
+        fee) holds the counters of the deterministic outputs, so a lost mint answer can
+        be restored (NUT-09); the invoice is marked ``claimed`` by it.
+        """
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
+                "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
+                "charged_sat, change_sat, change_token, reply_to, updated_at) "
+                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.id,
+                    now,
+                    rec.transport,
+                    rec.mint,
+                    rec.unit,
+                    rec.token_hash,
+                    json.dumps(rec.input_ys),
+                    rec.paid_sat,
+                    rec.fee_sat,
+                    rec.keyset_id,
+                    rec.counter_start,
+                    json.dumps(rec.amounts),
+                    rec.status,
+                    None,
+                    None,
+                    None,
+                    rec.reply_to,
+                    now,
+                ),
+            )
+            _upsert_invoice(db, replace(invoice, status="claimed", payment_id=rec.id), now)
+
+        await self._run(self._tx, tx)
+
+    async def held_proofs(self, mint: str, unit: str) -> list[Proof]:
+        """The free (``held``) proofs at one mint, largest first."""
+
+        def q() -> list[Proof]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT amount, keyset_id, secret, c, dleq_e, dleq_s, dleq_r FROM proofs "
+                "WHERE state='held' AND mint=? AND unit=? ORDER BY amount DESC",
+                (mint, unit),
+            ).fetchall()
+            return [_row_proof(r) for r in rows]
+
+        return await self._run(q)
+
+    async def proof_totals(self) -> list[tuple[str, str, str, int]]:
+        """(mint, keyset id, state, sat) for every group of proofs the store holds."""
+
+        def q() -> list[tuple[str, str, str, int]]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT mint, keyset_id, state, SUM(amount) FROM proofs "
+                "GROUP BY mint, keyset_id, state ORDER BY mint, keyset_id, state"
+            ).fetchall()
+            return [(str(m), str(k), str(s), int(a)) for m, k, s, a in rows]
+
+        return await self._run(q)
+
+    async def begin_transfer(self, rec: TransferRecord) -> None:
+        """Record a transfer out and set its inputs aside (``spending``), before any mint call.
+
+        Raises :class:`StoreError` (and changes nothing) unless every input is still
+        ``held`` at the transfer's mint: concurrent transfers never share a proof.
+        """
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            marks = ",".join("?" * len(rec.input_ys))
+            rows = db.execute(
+                f"SELECT y, amount FROM proofs WHERE y IN ({marks}) AND state='held' "
+                "AND mint=? AND unit=?",
+                (*rec.input_ys, rec.mint, rec.unit),
+            ).fetchall()
+            if len(rows) != len(set(rec.input_ys)) or len(rows) != len(rec.input_ys):
+                raise StoreError(f"transfer {rec.id}: an input is no longer free")
+            if sum(int(a) for _, a in rows) != rec.input_sat:
+                raise StoreError(f"transfer {rec.id}: inputs don't sum to {rec.input_sat}")
+            db.execute(
+                f"INSERT INTO transfers({_TRANSFER_COLUMNS}, updated_at) "
+                f"VALUES({','.join('?' * (_TRANSFER_NCOLS + 1))})",
+                (*_transfer_row(replace(rec, status="pending", created_at=now)), now),
+            )
+            db.executemany(
+                "UPDATE proofs SET state='spending', spent_by=?, updated_at=? WHERE y=?",
+                [(rec.id, now, y) for y in rec.input_ys],
+            )
+
+        await self._run(self._tx, tx)
+
+    async def finish_transfer(
+        self,
+        transfer_id: str,
+        *,
+        inputs_state: str,
+        kept: Sequence[Proof],
+        sent: Sequence[Proof],
+        lightning_fee_sat: int,
+        change_sat: int,
+        token: str | None = None,
+        preimage: str | None = None,
+    ) -> TransferRecord:
+        """A transfer is done: its inputs are gone, ``kept`` (change) is ours, ``sent`` isn't.
+
+        Refuses unless the inputs are still set aside for it and every sat adds up:
+        inputs = amount + input fee + Lightning fee + change.
+        """
+        now = time.time()
+        if inputs_state not in ("spent", "sent"):
+            raise StoreError(f"inputs can't become {inputs_state!r}")
+
+        def tx(db: sqlite3.Connection) -> TransferRecord:
+            row = db.execute(
+                f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id=?", (transfer_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"unknown transfer {transfer_id}")
+            rec = _row_transfer(row)
+            if rec.status != "pending":
+                raise StoreError(f"transfer {transfer_id} is {rec.status}, not pending")
+            spending = db.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM proofs WHERE spent_by=? AND state='spending'",
+                (transfer_id,),
+            ).fetchone()[0]
+            if int(spending) != rec.input_sat:
+                raise StoreError(f"transfer {transfer_id}: inputs are no longer set aside")
+            if sum(p.amount for p in kept) != change_sat:
+                raise StoreError(f"transfer {transfer_id}: change proofs don't sum to change")
+            if rec.input_sat != rec.amount_sat + rec.input_fee_sat + lightning_fee_sat + change_sat:
+                raise StoreError(f"transfer {transfer_id}: inputs != amount + fees + change")
+            db.execute(
+                "UPDATE proofs SET state=?, updated_at=? WHERE spent_by=? AND state='spending'",
+                (inputs_state, now, transfer_id),
+            )
+            _insert_proofs(db, rec.mint, rec.unit, kept, "held", transfer_id, None, now)
+            _insert_proofs(db, rec.mint, rec.unit, sent, "sent", transfer_id, transfer_id, now)
+            db.execute(
+                "UPDATE transfers SET status='done', lightning_fee_sat=?, change_sat=?, token=?, "
+                "preimage=?, updated_at=? WHERE id=?",
+                (lightning_fee_sat, change_sat, token, preimage, now, transfer_id),
+            )
+            return replace(
+                rec,
+                status="done",
+                lightning_fee_sat=lightning_fee_sat,
+                change_sat=change_sat,
+                token=token,
+                preimage=preimage,
+            )
+
+        return await self._run(self._tx, tx)
+
+    async def fail_transfer(self, transfer_id: str) -> None:
+        """A transfer that never happened: its inputs are free (``held``) again."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE proofs SET state='held', spent_by=NULL, updated_at=? "
+                "WHERE spent_by=? AND state='spending'",
+                (now, transfer_id),
+            )
+            db.execute(
+                "UPDATE transfers SET status='failed', updated_at=? "
+                "WHERE id=? AND status='pending'",
+                (now, transfer_id),
+            )
+
+        await self._run(self._tx, tx)
+
+    async def transfer(self, transfer_id: str) -> TransferRecord | None:
+        """One transfer, or None."""
+        found = await self._transfers("WHERE id=?", (transfer_id,))
+        return found[0] if found else None
+
+    async def transfers_in(self, *statuses: str) -> list[TransferRecord]:
+        """Transfers in any of ``statuses``, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        return await self._transfers(f"WHERE status IN ({marks}) ORDER BY created_at", statuses)
+
+    async def all_transfers(self) -> list[TransferRecord]:
+        """Every transfer, oldest first (for the audit and ``ecashbot wallet history``)."""
+        return await self._transfers("ORDER BY created_at", ())
+
+    async def _transfers(self, where: str, args: Sequence[Any]) -> list[TransferRecord]:
+        def q() -> list[TransferRecord]:
+            assert self._db is not None
+            rows = self._db.execute(
+                f"SELECT {_TRANSFER_COLUMNS} FROM transfers {where}", tuple(args)
+            ).fetchall()
+            return [_row_transfer(r) for r in rows]
+
+        return await self._run(q)
+
+    async def proof_spends(self) -> dict[str, str]:
+        """Y -> the transfer that spent (or is spending, or sent) the proof."""
+
+        def q() -> dict[str, str]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT y, spent_by FROM proofs WHERE spent_by IS NOT NULL"
+            ).fetchall()
+            return {str(y): str(t) for y, t in rows}
 
         return await self._run(q)
 
@@ -454,4 +840,143 @@ def _row_proof(r: Sequence[Any]) -> Proof:
         secret=str(secret),
         C=str(c),
         dleq=DLEQ(e=e, s=s, r=rr) if e and s else None,
+    )
+
+
+# -- Lightning invoices and transfers out: rows and helpers ------------------------------
+
+_INVOICE_COLUMNS = (
+    "quote_id, mint, unit, amount_sat, request, expiry, transport, reply_to, status, "
+    "payment_id, created_at"
+)
+
+
+def _row_invoice(r: Sequence[Any]) -> InvoiceRecord:
+    return InvoiceRecord(
+        quote_id=r[0],
+        mint=r[1],
+        unit=r[2],
+        amount_sat=r[3],
+        request=r[4],
+        expiry=r[5],
+        transport=r[6],
+        reply_to=r[7],
+        status=r[8],
+        payment_id=r[9],
+        created_at=r[10],
+    )
+
+
+def _upsert_invoice(db: sqlite3.Connection, rec: InvoiceRecord, now: float) -> None:
+    db.execute(
+        f"INSERT INTO invoices({_INVOICE_COLUMNS}, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT(quote_id) DO UPDATE SET status=excluded.status, "
+        "payment_id=excluded.payment_id, updated_at=excluded.updated_at",
+        (
+            rec.quote_id,
+            rec.mint,
+            rec.unit,
+            rec.amount_sat,
+            rec.request,
+            rec.expiry,
+            rec.transport,
+            rec.reply_to,
+            rec.status,
+            rec.payment_id,
+            rec.created_at or now,
+            now,
+        ),
+    )
+
+
+_TRANSFER_COLUMNS = (
+    "id, kind, mint, unit, status, input_ys, input_sat, input_fee_sat, amount_sat, "
+    "fee_reserve_sat, keyset_id, counter_start, amounts, destination, quote_id, "
+    "lightning_fee_sat, change_sat, token, preimage, created_at"
+)
+_TRANSFER_NCOLS = 20
+
+
+def _transfer_row(t: TransferRecord) -> tuple[Any, ...]:
+    return (
+        t.id,
+        t.kind,
+        t.mint,
+        t.unit,
+        t.status,
+        json.dumps(t.input_ys),
+        t.input_sat,
+        t.input_fee_sat,
+        t.amount_sat,
+        t.fee_reserve_sat,
+        t.keyset_id,
+        t.counter_start,
+        json.dumps(t.amounts),
+        t.destination,
+        t.quote_id,
+        t.lightning_fee_sat,
+        t.change_sat,
+        t.token,
+        t.preimage,
+        t.created_at,
+    )
+
+
+def _row_transfer(r: Sequence[Any]) -> TransferRecord:
+    return TransferRecord(
+        id=r[0],
+        kind=r[1],
+        mint=r[2],
+        unit=r[3],
+        status=r[4],
+        input_ys=json.loads(r[5]),
+        input_sat=r[6],
+        input_fee_sat=r[7],
+        amount_sat=r[8],
+        fee_reserve_sat=r[9],
+        keyset_id=r[10],
+        counter_start=r[11],
+        amounts=json.loads(r[12]),
+        destination=r[13],
+        quote_id=r[14],
+        lightning_fee_sat=r[15],
+        change_sat=r[16],
+        token=r[17],
+        preimage=r[18],
+        created_at=r[19],
+    )
+
+
+def _insert_proofs(
+    db: sqlite3.Connection,
+    mint: str,
+    unit: str,
+    proofs: Sequence[Proof],
+    state: str,
+    origin: str,
+    spent_by: str | None,
+    now: float,
+) -> None:
+    db.executemany(
+        "INSERT INTO proofs(y, mint, unit, keyset_id, amount, secret, c, dleq_e, dleq_s, "
+        "dleq_r, state, payment_id, spent_by, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        [
+            (
+                p.Y(),
+                mint,
+                unit,
+                p.keyset_id,
+                p.amount,
+                p.secret,
+                p.C,
+                p.dleq.e if p.dleq else None,
+                p.dleq.s if p.dleq else None,
+                p.dleq.r if p.dleq else None,
+                state,
+                origin,
+                spent_by,
+                now,
+            )
+            for p in proofs
+        ],
     )

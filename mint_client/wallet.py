@@ -24,6 +24,7 @@ from mint_client.errors import (
     MintBusy,
     MintError,
     MintUnavailable,
+    SwapPending,
     TokenSpent,
     UnknownKeyset,
     UnsupportedToken,
@@ -256,7 +257,7 @@ class Wallet:
             states = await api.check_state(input_ys)
         except MintError as exc:
             log.warning("payment %s: swap outcome unknown, left for recovery", payment_id)
-            raise MintUnavailable(
+            raise SwapPending(
                 "the mint did not answer; your payment is pending and will be resolved"
             ) from exc
         if all(states.get(y) == "UNSPENT" for y in input_ys):
@@ -269,7 +270,7 @@ class Wallet:
         if not restored and all(states.get(y) == "SPENT" for y in input_ys):
             await self.store.set_payment_status(payment_id, "failed")
             raise TokenSpent("this token was already spent")
-        raise MintUnavailable("the mint's swap is still pending; your payment will be resolved")
+        raise SwapPending("the mint's swap is still pending; your payment will be resolved")
 
     async def _unblind(
         self, mint: str, pairs: list[tuple[crypto.BlindedOutput, BlindSignature]]
@@ -287,7 +288,13 @@ class Wallet:
         return proofs
 
     async def settle(
-        self, payment_id: str, *, charged_sat: int, change_sat: int, refund: bool = False
+        self,
+        payment_id: str,
+        *,
+        charged_sat: int,
+        change_sat: int,
+        refund: bool = False,
+        answer: str | None = None,
     ) -> str | None:
         """Keep ``charged_sat`` of the payment and hand back the rest as a cashuB token.
 
@@ -314,6 +321,7 @@ class Wallet:
             change_ys=[p.Y() for p in change],
             change_sat=change_sat,
             change_token=token,
+            answer=answer,
         )
         return token
 

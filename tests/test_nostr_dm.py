@@ -152,7 +152,15 @@ async def test_unpaid_question_then_paying_the_request_by_payload(
     bot_keys = Keys.generate()
     wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
     await wallet.fund(2000)
-    cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [local_relay.url], bot_keys)
+    # no Lightning invoice: the test mint's FakeWallet would pay it by itself (test_lightning)
+    cfg = nostr_config(
+        tmp_path / "bot",
+        mint,
+        emulator_url,
+        [local_relay.url],
+        bot_keys,
+        lightning={"invoices": False},
+    )
     async with nostr_bot(cfg), await NostrUser.create([local_relay.url]) as alice:
         await alice.send_nip17(bot_keys.public_key().to_hex(), "how do lightning payments work?")
         reply = await alice.next_dm(20)

@@ -212,6 +212,16 @@ async def test_a_claim_expires_after_its_ttl(backend: Backend) -> None:
     assert await state.claim("nostr:e2", 1)
 
 
+async def test_an_extended_claim_outlives_its_first_ttl(backend: Backend) -> None:
+    state = backend.open()
+    assert await state.claim("token:slow", 1)
+    await state.extend("token:slow", 60)
+    await backend.sleep(1.1)
+    assert not await state.claim("token:slow", 1)
+    await state.extend("token:lapsed", 60)  # a lapsed or unknown claim is taken anew
+    assert not await state.claim("token:lapsed", 1)
+
+
 async def test_a_released_claim_can_be_claimed_again(backend: Backend) -> None:
     state = backend.open()
     assert await state.claim("token:refused", 60)

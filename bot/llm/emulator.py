@@ -373,6 +373,8 @@ class Emulator:
     seed: int = 0
     fail_rate: float = 0.0
     requests: list[RecordedRequest] = field(default_factory=list)
+    #: streams the client hung up on before their end (e.g. it cancelled the call)
+    streams_cut: int = 0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -617,10 +619,10 @@ class Emulator:
                 "X-Content-Type-Options": "nosniff",
             },
         )
-        await response.prepare(request)
         # a drop always comes before the final chunk, so a dropped stream has no final usage
         drop_at = None if d.drop_after is None else min(d.drop_after, len(chunks) - 1)
         try:
+            await response.prepare(request)
             for i, chunk in enumerate(chunks):
                 await asyncio.sleep((ttft if i == 0 else delay) / 1000)
                 if i == drop_at:
@@ -631,7 +633,11 @@ class Emulator:
             await response.write_eof()
         except ConnectionResetError:
             # the client hung up (e.g. it cancelled the stream): nothing left to send to
-            pass
+            self.streams_cut += 1
+        except asyncio.CancelledError:
+            # the same, noticed by aiohttp first: it cancels the handler
+            self.streams_cut += 1
+            raise
         return response
 
     # -- test hooks over HTTP -------------------------------------------------------

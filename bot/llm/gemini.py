@@ -8,6 +8,7 @@ timeout. Any failure is one :class:`UpstreamError`: the pipeline refunds it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -105,6 +106,7 @@ class Gemini:
     async def stream(self, gen: Generation) -> AsyncIterator[str | Usage]:
         """Yield text deltas as they come, then the final usage; raise UpstreamError."""
         usage: Usage | None = None
+        chunks: AsyncIterator[types.GenerateContentResponse] | None = None
         try:
             chunks = await self._client.aio.models.generate_content_stream(
                 model=gen.model, contents=self._contents(gen), config=self._config(gen)
@@ -125,6 +127,13 @@ class Gemini:
             raise UpstreamError("model timed out") from exc
         except Exception as exc:
             raise UpstreamError(f"model stream failed: {type(exc).__name__}") from exc
+        finally:
+            # closing the SDK's stream hangs up on the model at once (a cancelled call,
+            # e.g. a failed payment on the fast path, must not run on unseen)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
         if usage is None or usage.finish_reason is None:
             raise UpstreamError("model stream ended without a final answer")
         yield usage

@@ -31,7 +31,9 @@ for the breakdowns.
     }
 
     <totals> = "requests", "input_tokens", "output_tokens", "thinking_tokens",
-               "charged_sat", "change_sat", "fee_sat", "refunds", "refund_sat"
+               "charged_sat", "change_sat", "fee_sat", "refunds", "refund_sat",
+               "failed_payments", "wasted_tokens" (model tokens spent on answers whose
+               payment failed, with the fast path's overlap)
 
 Days and hours without traffic are present with zeros in ``hourly`` and ``daily`` so a
 dashboard can draw them as they are; ``by_model``/``by_transport`` list every model and
@@ -67,6 +69,8 @@ COUNTERS = (
     "fee_sat",
     "refunds",
     "refund_sat",
+    "failed_payments",
+    "wasted_tokens",
 )
 #: Days of daily history kept (today included); older days are deleted.
 KEEP_DAYS = 30
@@ -117,6 +121,10 @@ class UsageEvent:
     fee_sat: int
     refunded: bool
     refund_sat: int
+    #: a payment that failed after the model was started (fast path): not a request
+    failed_payment: bool = False
+    #: model tokens spent on a failed payment's answer, which nobody paid for
+    wasted_tokens: int = 0
 
 
 class State(Protocol):
@@ -128,6 +136,10 @@ class State(Protocol):
 
     async def release(self, key: str) -> None:
         """Undo a claim, so the same key can be tried again (nothing was charged)."""
+        ...
+
+    async def extend(self, key: str, ttl_s: int) -> None:
+        """Keep a held claim for ``ttl_s`` from now (re-taking it if it lapsed meanwhile)."""
         ...
 
     async def take(
@@ -220,7 +232,7 @@ def ttl_until(expires_at: float, now: float) -> int:
 def usage_fields(event: UsageEvent) -> dict[str, int]:
     """The hash increments for one event: totals and per-model/per-transport fields."""
     values = {
-        "requests": 1,
+        "requests": 0 if event.failed_payment else 1,
         "input_tokens": event.input_tokens,
         "output_tokens": event.output_tokens,
         "thinking_tokens": event.thinking_tokens,
@@ -229,6 +241,8 @@ def usage_fields(event: UsageEvent) -> dict[str, int]:
         "fee_sat": event.fee_sat,
         "refunds": int(event.refunded),
         "refund_sat": event.refund_sat,
+        "failed_payments": int(event.failed_payment),
+        "wasted_tokens": event.wasted_tokens,
     }
     if any(value < 0 for value in values.values()):
         raise ValueError(f"negative count in {event}")

@@ -186,6 +186,21 @@ class EmbeddedState:
 
         await self._run(tx)
 
+    async def extend(self, key: str, ttl_s: int) -> None:
+        """Keep a held claim for ``ttl_s`` from now (re-taking it if it lapsed meanwhile)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        expires = self._clock() + ttl_s
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO claims(key, expires_at) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET expires_at=excluded.expires_at",
+                (key, expires),
+            )
+
+        await self._run(tx)
+
     # -- rate limits ---------------------------------------------------------------------
 
     async def take(

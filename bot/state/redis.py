@@ -285,6 +285,13 @@ class RedisState:
         with self._guard():
             await self._redis.delete(self._key(f"claim:{key}"))
 
+    async def extend(self, key: str, ttl_s: int) -> None:
+        """Keep a held claim for ``ttl_s`` from now (re-taking it if it lapsed meanwhile)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        with self._guard():
+            await self._redis.set(self._key(f"claim:{key}"), 1, ex=ttl_s)
+
     # -- rate limits ---------------------------------------------------------------------
 
     async def take(

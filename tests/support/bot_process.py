@@ -45,10 +45,18 @@ class BotStartError(RuntimeError):
 class BotProcess:
     """One ``python -m bot serve`` process with its config file and log under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, config: dict[str, Any], ready_line: str = READY_LINE):
+    def __init__(
+        self,
+        data_dir: Path,
+        config: dict[str, Any],
+        ready_line: str = READY_LINE,
+        env: dict[str, str] | None = None,
+    ):
         self.data_dir = Path(data_dir)
         self.config = config
         self.ready_line = ready_line
+        #: extra environment (e.g. ECASHBOT_FAILPOINTS), on top of ours minus ECASHBOT_*
+        self.extra_env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._returncode: int | None = None
@@ -92,6 +100,7 @@ class BotProcess:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECASHBOT_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def _spawn(self) -> None:
