@@ -44,6 +44,8 @@ COUNTERS = (
     "fee_sat",
     "refunds",
     "refund_sat",
+    "failed_payments",
+    "wasted_tokens",
 )
 ZERO = dict.fromkeys(COUNTERS, 0)
 
@@ -179,7 +181,14 @@ def totals(*events: UsageEvent) -> dict[str, int]:
     for e in events:
         for name, value in zip(
             COUNTERS,
-            (1, *astuple(e)[2:8], int(e.refunded), e.refund_sat),
+            (
+                0 if e.failed_payment else 1,
+                *astuple(e)[2:8],
+                int(e.refunded),
+                e.refund_sat,
+                int(e.failed_payment),
+                e.wasted_tokens,
+            ),
             strict=True,
         ):
             sums[name] += value
@@ -416,6 +425,8 @@ async def test_stats_add_up_across_hours_days_models_and_transports(backend: Bac
         "fee_sat": 5,
         "refunds": 1,
         "refund_sat": 98,
+        "failed_payments": 0,
+        "wasted_tokens": 0,
     }
     assert stats["today"] == {"date": "2025-03-01", **totals(e3, e4, e5)}
     assert stats["month"] == {"month": "2025-03", **totals(e3, e4, e5)}
