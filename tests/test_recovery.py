@@ -4,9 +4,11 @@ an audit that balances to the sat. Against a real mint, a real bot process and t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -207,3 +209,43 @@ async def test_a_bot_killed_between_redeem_and_answer_refunds_after_restart(
         await running.stop()
     report = await audit(bot_config(tmp_path / "bot", [mint.url], running.url))
     assert report.ok, report.table()
+
+
+async def test_the_audit_cli_finds_a_corrupted_journal_row(
+    mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
+    await wallet.fund(1000)
+    cfg_data = {
+        "mints": [mint.url],
+        "wallet": {"path": str(tmp_path / "bot")},
+        "gemini": {"api_key": "k", "base_url": emulator_url, "api_version": "v1beta"},
+    }
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_data))
+    cfg = bot_config(tmp_path / "bot", [mint.url], emulator_url)
+    async with bot(cfg) as daemon:
+        for _ in range(3):
+            status, _, body = await ask(daemon.http_url or "", "hi", await wallet.send_token(200))
+            assert status == 200, body
+
+    def run_audit() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bot", "audit", "--config", str(cfg_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    clean = await asyncio.to_thread(run_audit)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "OK: the books balance." in clean.stdout
+
+    # one payment's record now claims a sat more was charged than its proofs show
+    with contextlib.closing(sqlite3.connect(tmp_path / "bot" / "wallet.sqlite3")) as db:
+        (pid,) = db.execute("SELECT id FROM payments WHERE status='settled' LIMIT 1").fetchone()
+        db.execute("UPDATE payments SET charged_sat = charged_sat + 1 WHERE id=?", (pid,))
+        db.commit()
+    broken = await asyncio.to_thread(run_audit)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert f"PROBLEM: payment {pid}" in broken.stdout
