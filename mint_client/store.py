@@ -185,6 +185,36 @@ def _row_payment(row: Sequence[Any]) -> PaymentRecord:
     )
 
 
+def _insert_payment(db: sqlite3.Connection, rec: PaymentRecord, now: float) -> None:
+    """The journal's first line of a payment (before any mint call acts on it)."""
+    db.execute(
+        "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
+        "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
+        "charged_sat, change_sat, change_token, reply_to, updated_at) "
+        "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            rec.id,
+            now,
+            rec.transport,
+            rec.mint,
+            rec.unit,
+            rec.token_hash,
+            json.dumps(rec.input_ys),
+            rec.paid_sat,
+            rec.fee_sat,
+            rec.keyset_id,
+            rec.counter_start,
+            json.dumps(rec.amounts),
+            rec.status,
+            rec.charged_sat,
+            rec.change_sat,
+            rec.change_token,
+            rec.reply_to,
+            now,
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredProof:
     """A proof with the store's bookkeeping."""
@@ -344,32 +374,7 @@ class ProofStore:
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
-                "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
-                "charged_sat, change_sat, change_token, reply_to, updated_at) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id,
-                    now,
-                    rec.transport,
-                    rec.mint,
-                    rec.unit,
-                    rec.token_hash,
-                    json.dumps(rec.input_ys),
-                    rec.paid_sat,
-                    rec.fee_sat,
-                    rec.keyset_id,
-                    rec.counter_start,
-                    json.dumps(rec.amounts),
-                    rec.status,
-                    rec.charged_sat,
-                    rec.change_sat,
-                    rec.change_token,
-                    rec.reply_to,
-                    now,
-                ),
-            )
+            _insert_payment(db, rec, now)
 
         await self._run(self._tx, tx)
 
@@ -627,32 +632,7 @@ class ProofStore:
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> None:
-            db.execute(
-                "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
-                "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
-                "charged_sat, change_sat, change_token, reply_to, updated_at) "
-                "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.id,
-                    now,
-                    rec.transport,
-                    rec.mint,
-                    rec.unit,
-                    rec.token_hash,
-                    json.dumps(rec.input_ys),
-                    rec.paid_sat,
-                    rec.fee_sat,
-                    rec.keyset_id,
-                    rec.counter_start,
-                    json.dumps(rec.amounts),
-                    rec.status,
-                    None,
-                    None,
-                    None,
-                    rec.reply_to,
-                    now,
-                ),
-            )
+            _insert_payment(db, rec, now)
             _upsert_invoice(db, replace(invoice, status="claimed", payment_id=rec.id), now)
 
         await self._run(self._tx, tx)
