@@ -171,6 +171,10 @@ def client_address(request: web.Request) -> str:
     return f"ip:{request.remote or 'unknown'}"
 
 
+#: names what produced the answer (the emulator says so)
+MODEL_SOURCE_HEADER = "X-Ecashbot-Model-Source"
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions``: pay, answer, change."""
     pipeline = request.app[PIPELINE]
@@ -197,11 +201,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
     except PaymentError as exc:
         return error_response(exc, invoice=await _offer_invoice(pipeline, exc))
+    # who answers: "Gemini", or "Gemini emulator" under `ecashbot dev`
+    source = {MODEL_SOURCE_HEADER: pipeline.llm.label}
     if chat.stream:
-        resp = await _stream(request, answer)
+        resp = await _stream(request, answer, source)
     else:
         text, receipt = await answer.result()
         resp = _complete(answer, text, receipt)
+        resp.headers.update(source)
         await resp.prepare(request)
         await resp.write_eof()
     # the change went out with the response (it also stays kept for POST /v1/change)
@@ -290,12 +297,15 @@ def _complete(answer: Answer, text: str, receipt: Receipt) -> web.Response:
     )
 
 
-async def _stream(request: web.Request, answer: Answer) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, answer: Answer, extra_headers: dict[str, str]
+) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Request-Id": answer.request_id,
+            **extra_headers,
         }
     )
     await resp.prepare(request)

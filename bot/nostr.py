@@ -336,6 +336,11 @@ class NostrTransport:
             if not self._active[dm.sender]:
                 del self._active[dm.sender]
 
+    def _model_name(self, model: str) -> str:
+        """The model as the receipt names it, with who answered when it is not Gemini."""
+        label = self.pipeline.llm.label
+        return model if label == "Gemini" else f"{model} ({label})"
+
     def _prices(self) -> str:
         return price_text(
             models={
@@ -583,7 +588,7 @@ class NostrTransport:
                 charged_sat=s.charged_sat,
                 fee_sat=s.fee_sat,
                 change_sat=s.change_sat,
-                model=receipt.model,
+                model=self._model_name(receipt.model),
             )
             for part in split_message(f"{text}\n\n{line}"):
                 await self._reply(dm, part)

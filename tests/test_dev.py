@@ -467,6 +467,7 @@ async def test_ask_over_http(
     assert status == 0, out
     answer, change, r = read_ask_output(out)
     assert answer.startswith(f"Emulated answer to: {QUESTION}"), out
+    assert "receipt: gemini-2.5-flash (Gemini emulator):" in out, out  # labelled as such
     charged, fee, change_sat = int(r["charged"]), int(r["fee"]), int(r["change"])
     assert f"paid {TOKEN_SAT} sat" in (r["extra"] or ""), out
     assert charged + fee + change_sat == TOKEN_SAT
@@ -503,6 +504,7 @@ async def test_ask_over_nostr(
     assert status == 0, out
     answer, change, r = read_ask_output(out)
     assert answer.startswith(f"Emulated answer to: {QUESTION}"), out
+    assert "receipt: gemini-2.5-flash (Gemini emulator):" in out, out  # labelled as such
     assert "-- " not in answer  # the bot's receipt line became ask's receipt
     charged, fee, change_sat = int(r["charged"]), int(r["fee"]), int(r["change"])
     assert charged + fee + change_sat == TOKEN_SAT  # what the token was worth
