@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 import pytest_asyncio
 from aiohttp import web
 from hypothesis import given
@@ -20,8 +19,6 @@ from mint_client.tokens import DLEQ, encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
 from tests.support.mint import MintProcess
 from tests.support.user_wallet import UserWallet
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @given(st.integers(0, 10**7))
