@@ -15,18 +15,15 @@ from bip32 import BIP32  # type: ignore[import-untyped]
 from cashu.core.crypto import b_dhke
 from cashu.core.crypto.secp import PrivateKey, PublicKey
 
-from mint_client.tokens import DLEQ, Proof
+from mint_client.tokens import DLEQ, Proof, y_hex
 
 
 def _pub(hex_point: str) -> PublicKey:
     return PublicKey(bytes.fromhex(hex_point))
 
 
-@lru_cache(maxsize=65536)
-def hash_to_curve_hex(secret: str) -> str:
-    """Y = hash_to_curve(secret), compressed hex: the id of a proof at the mint (NUT-07)."""
-    point = b_dhke.hash_to_curve(secret.encode("utf-8"))
-    return str(point.format().hex())
+#: Y = hash_to_curve(secret), compressed hex (one cached implementation, in tokens)
+hash_to_curve_hex = y_hex
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ class Proof:
 
     def Y(self) -> str:
         """hash_to_curve(secret), compressed hex: how the mint names this proof (NUT-07)."""
-        return _y_hex(self.secret)
+        return y_hex(self.secret)
 
     def to_mint_json(self) -> dict[str, object]:
         """The proof as a swap/melt input; the DLEQ is for wallets, not for the mint."""
@@ -101,9 +101,14 @@ class Token:
         return sum(p.amount for p in self.proofs)
 
 
-@lru_cache(maxsize=16384)
-def _y_hex(secret: str) -> str:
-    # The same proof is looked up several times per payment (hash, state, store).
+@lru_cache(maxsize=4096)
+def y_hex(secret: str) -> str:
+    """Y = hash_to_curve(secret), compressed hex: the id of a proof at the mint (NUT-07).
+
+    Cached because one proof is looked up several times within one payment (hash,
+    state, store); a few thousand entries cover the payments in flight, and memory stays
+    flat however long the bot runs.
+    """
     return str(hash_to_curve(secret.encode("utf-8")).format().hex())
 
 
