@@ -44,6 +44,7 @@ from mint_client.lnwallet import select_inputs
 from mint_client.tokens import Proof, encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
 from tests.support.mint import MintProcess
+from tests.support.mint_proxy import MintProxy
 from tests.support.nostr_user import NostrUser, ReceivedDM
 from tests.support.ports import free_port
 from tests.support.relays import LocalRelay
@@ -558,30 +559,17 @@ async def test_lost_mint_and_melt_answers_are_resolved_from_the_quote_state(
 ) -> None:
     calls: dict[str, int] = {}
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method,
-                mint.url + request.path_qs,
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            payload = await r.read()
+    async def lose_first_answers(
+        request: web.Request, status: int, payload: bytes
+    ) -> web.Response | None:
         calls[request.path] = calls.get(request.path, 0) + 1
         if request.path in ("/v1/mint/bolt11", "/v1/melt/bolt11") and calls[request.path] == 1:
             return web.Response(status=502)  # done at the mint, the answer lost
-        return web.Response(status=r.status, body=payload, content_type="application/json")
+        return None
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    proxy_url = f"http://127.0.0.1:{port}"
+    proxy = MintProxy(mint.url, after=lose_first_answers)
+    await proxy.start()
+    proxy_url = proxy.url
     try:
         cfg = bot_config(tmp_path / "bot", [proxy_url], emulator_url, models=DEAR)
         async with bot(cfg) as daemon:
@@ -613,7 +601,7 @@ async def test_lost_mint_and_melt_answers_are_resolved_from_the_quote_state(
         report = await audit(cfg)
         assert report.ok, report.table()
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 @session_loop
@@ -624,32 +612,18 @@ async def test_an_interrupted_mint_and_an_unused_paid_invoice_are_refunded(
     A paid invoice nobody came back for is minted and kept as a refund too."""
     mode = {"now": "up"}
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        if mode["now"] == "down":
-            return web.Response(status=502)
-        body = await request.read()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method,
-                mint.url + request.path_qs,
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            payload = await r.read()
+    async def down(request: web.Request, body: bytes) -> web.Response | None:
+        return web.Response(status=502) if mode["now"] == "down" else None
+
+    async def lose_mint(request: web.Request, status: int, payload: bytes) -> web.Response | None:
         if request.path == "/v1/mint/bolt11" and mode["now"] == "lose-mint":
             mode["now"] = "down"  # issued at the mint; the answer and the mint are gone
             return web.Response(status=502)
-        return web.Response(status=r.status, body=payload, content_type="application/json")
+        return None
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    proxy_url = f"http://127.0.0.1:{port}"
+    proxy = MintProxy(mint.url, before=down, after=lose_mint)
+    await proxy.start()
+    proxy_url = proxy.url
 
     async def pick_up(url: str, quote_id: str) -> dict[str, Any]:
         async with (
@@ -700,7 +674,7 @@ async def test_an_interrupted_mint_and_an_unused_paid_invoice_are_refunded(
         assert report.minted_in_sat == lost["amount_sat"] + unused["amount_sat"]
         assert report.kept_sat == 0
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 # -- the pure parts: LNURL addresses, input selection, NUT-08 blanks, /invoice DMs --------

@@ -7,7 +7,6 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest_asyncio
 from aiohttp import web
 from hypothesis import given
@@ -18,6 +17,7 @@ from mint_client.crypto import change_friendly_split, derive_secret, select_exac
 from mint_client.tokens import DLEQ, encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
 from tests.support.mint import MintProcess
+from tests.support.mint_proxy import MintProxy
 from tests.support.user_wallet import UserWallet
 
 
@@ -83,31 +83,17 @@ async def test_a_swap_whose_answer_is_lost_is_restored(
     """The mint does the swap but its answer never reaches the bot: NUT-07 + NUT-09."""
     lost: list[int] = []
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method,
-                mint.url + request.path_qs,
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            payload = await r.read()
-            if request.path == "/v1/swap" and not lost:
-                lost.append(r.status)  # the mint answered; the bot never hears it
-                return web.Response(status=504, text="gateway timeout")
-            return web.Response(status=r.status, body=payload, content_type="application/json")
+    async def lose_first_swap(
+        request: web.Request, status: int, payload: bytes
+    ) -> web.Response | None:
+        if request.path == "/v1/swap" and not lost:
+            lost.append(status)  # the mint answered; the bot never hears it
+            return web.Response(status=504, text="gateway timeout")
+        return None
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    proxy_url = f"http://127.0.0.1:{port}"
+    proxy = MintProxy(mint.url, after=lose_first_swap)
+    await proxy.start()
+    proxy_url = proxy.url
     try:
         user = await UserWallet.create(mint.url, tmp_path / "user")
         await user.fund(500)
@@ -128,7 +114,7 @@ async def test_a_swap_whose_answer_is_lost_is_restored(
             )
             assert sum((await daemon.wallet.balance_sat()).values()) == payment["charged_sat"]
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 #: what nutshell answers when its database lock times out under load (it did nothing)
@@ -143,35 +129,17 @@ async def busy_mint_proxy(mint_url: str, busy_swaps: int) -> AsyncIterator[tuple
     """A proxy to the real mint whose first ``busy_swaps`` swaps get the lock error."""
     seen: list[str] = []
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if request.path == "/v1/swap":
-            if len([s for s in seen if s == "busy"]) < busy_swaps:
-                seen.append("busy")
-                return web.json_response(MINT_LOCKED, status=400)
-            seen.append("forwarded")
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method,
-                mint_url + request.path_qs,
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            payload = await r.read()
-            return web.Response(status=r.status, body=payload, content_type="application/json")
+    async def busy(request: web.Request, body: bytes) -> web.Response | None:
+        if request.path != "/v1/swap":
+            return None
+        if seen.count("busy") < busy_swaps:
+            seen.append("busy")
+            return web.json_response(MINT_LOCKED, status=400)
+        seen.append("forwarded")
+        return None
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
-    finally:
-        await runner.cleanup()
+    async with MintProxy(mint_url, before=busy) as proxy:
+        yield proxy.url, seen
 
 
 async def test_a_busy_mint_is_asked_again_with_the_same_outputs(

@@ -28,6 +28,7 @@ from mint_client.tokens import encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
 from tests.support.fixtures import MintFactory
 from tests.support.mint import MintProcess
+from tests.support.mint_proxy import MintProxy
 from tests.support.ports import free_port, wait_http
 from tests.support.user_wallet import UserWallet
 
@@ -101,31 +102,18 @@ async def test_a_swap_lost_with_the_mint_is_restored_and_refunded(
     mint = await mint_factory()
     killed: list[bool] = []
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(
-                request.method,
-                mint.url + request.path_qs,
-                data=body,
-                headers={"Content-Type": "application/json"},
-            ) as r,
-        ):
-            payload = await r.read()
+    async def kill_on_first_swap(
+        request: web.Request, status: int, payload: bytes
+    ) -> web.Response | None:
         if request.path == "/v1/swap" and not killed:
             killed.append(True)
             await mint.kill()  # processed the swap, then died before answering
             return web.Response(status=502)
-        return web.Response(status=r.status, body=payload, content_type="application/json")
+        return None
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    proxy_url = f"http://127.0.0.1:{port}"
+    proxy = MintProxy(mint.url, after=kill_on_first_swap)
+    await proxy.start()
+    proxy_url = proxy.url
     try:
         wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
         await wallet.fund(500)
@@ -149,7 +137,7 @@ async def test_a_swap_lost_with_the_mint_is_restored_and_refunded(
         assert report.ok, report.table()
         assert report.difference_sat == 0
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 def _start_bot(cfg_path: Path, log: Path) -> subprocess.Popen[bytes]:
