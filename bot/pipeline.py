@@ -40,7 +40,7 @@ from bot.errors import (
 from bot.llm.gemini import Generation, Message, UpstreamError, Usage
 from bot.metrics import Metrics
 from bot.state import Reservation, State, StateUnavailable, UsageEvent
-from mint_client.errors import QuoteNotPaid, QuoteUsed
+from mint_client.errors import QuoteNotPaid, QuoteUsed, SwapPending
 from mint_client.lnwallet import IncomingQuote, LightningWallet, quote_key
 from mint_client.protocol import MintRegistry
 from mint_client.requests import PaymentRequest, Transport, encode_payment_request
@@ -683,7 +683,10 @@ class Pipeline:
                     await self._undo_before_money(prep, wasted)
                 answer._redeemed.set_exception(exc)
                 return
-            if not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):  # cancelled (shutdown): say so, then go
+                answer._redeemed.set_exception(
+                    SwapPending("the bot stopped while redeeming; your payment will be resolved")
+                )
                 raise
             log.exception("payment %s: redeem failed unexpectedly", prep.request_id)
             answer._redeemed.set_exception(
