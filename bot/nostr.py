@@ -410,7 +410,7 @@ class NostrTransport:
                 dm,
                 "Sorry: your question was interrupted before it was answered (the bot "
                 f"restarted). Nothing was charged: your {rec.change_sat} sat come back in the "
-                "next message.",
+                f"next message. (request {rec.id[:12]})",
             )
         elif rec.answer is not None:
             line = (
@@ -579,7 +579,9 @@ class NostrTransport:
                 dm,
                 f"Sorry, the model failed ({receipt.error}). Nothing was charged: your "
                 f"{s.change_sat} sat come back in the next message (the mint kept its fee of "
-                f"{s.fee_sat} sat).",
+                # the request id keeps two such notices apart: clients drop a DM whose
+                # text and second are the same as another's (same rumor id)
+                f"{s.fee_sat} sat). (request {receipt.request_id[:12]})",
             )
         else:
             line = receipt_line(

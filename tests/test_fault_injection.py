@@ -179,7 +179,7 @@ async def http_question(
         except aiohttp.ClientConnectorError:
             await asyncio.sleep(0.2)  # the bot is down: the request never reached it
             continue
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # the bot died mid-answer
             out.notes.append(f"lost response: {type(exc).__name__}")
         else:
             if status == 200 and not stream:
@@ -206,7 +206,7 @@ async def http_question(
             await sup.up.wait()
             try:
                 status, got = await pick_up(url, token)
-            except (aiohttp.ClientError, TimeoutError):
+            except (aiohttp.ClientError, TimeoutError, OSError):
                 await asyncio.sleep(0.2)
                 continue
             if status == 200:
