@@ -214,15 +214,7 @@ class NostrTransport:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish_profile(self) -> None:
-        about = price_text(
-            models={
-                n: (m.input_msat_per_1k, m.output_msat_per_1k, m.request_msat)
-                for n, m in self.cfg.models.items()
-            },
-            mints=self.cfg.mints,
-            default_model=self.cfg.default_model,
-            bot_name=self.ncfg.name,
-        )
+        about = self._prices()
         profile = EventBuilder(
             Kind(0), json.dumps({"name": self.ncfg.name, "about": about, "bot": True})
         ).finalize(self.keys)

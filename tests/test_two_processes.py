@@ -121,11 +121,8 @@ def held_and_reserved_sat(wallet_dir: Path) -> tuple[int, int]:
 async def mint_states(mint_url: str, tokens: list[str]) -> Counter[str]:
     """NUT-07 states of every proof of ``tokens``, counted."""
     ys = [hash_to_curve_hex(p.secret) for t in tokens for p in parse_token(t).proofs]
-    states: dict[str, str] = {}
-    async with aiohttp.ClientSession() as session:
-        api = MintAPI(session, mint_url, timeout_s=30)
-        for i in range(0, len(ys), 100):  # the mint takes a bounded number per request
-            states.update(await api.check_state(ys[i : i + 100]))
+    async with aiohttp.ClientSession() as session:  # check_state batches for the mint
+        states = await MintAPI(session, mint_url, timeout_s=30).check_state(ys)
     assert len(states) == len(ys)
     return Counter(states.values())
 
