@@ -97,11 +97,16 @@ class BotProc:
             return self.log_path.read_text(errors="replace")[-n:]
         return "(no log)"
 
-    async def start(self, timeout_s: float = 60.0) -> None:
-        """Start the bot and wait for its ready line in the log."""
+    def write_config(self) -> Path:
+        """Write the bot's config.yaml (also what ``ecashbot wallet --config`` reads)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = self.data_dir / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        return cfg_path
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Start the bot and wait for its ready line in the log."""
+        cfg_path = self.write_config()
         argv = [sys.executable]
         if self.profile_to is not None:  # profiled between SIGUSR1 and SIGUSR2
             argv += ["-m", "bench._profiled_bot", str(self.profile_to)]

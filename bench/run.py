@@ -1,26 +1,35 @@
 """The benchmark run: start everything on 127.0.0.1, run the phases, write RESULTS.md.
 
-Phases, in this order, against one HTTP bot process (``python -m bot serve``):
+Phases, in this order, against one HTTP bot process (``python -m bot serve``) whose stock
+of small proofs (the change of locked payments) the operator funded before it started:
 
-1. **TTFT.** Streaming paid requests through the bot, interleaved one by one with the same
-   question streamed straight from the emulator by google-genai (emulator TTFT 300 ms).
-   Client-side time from sending the request to the first content delta.
+1. **TTFT.** Streaming paid requests through the bot, one with an ordinary token and one
+   with a token locked to the bot (NUT-11 P2PK + NUT-12 DLEQ), interleaved one by one with
+   the same question streamed straight from the emulator by google-genai (emulator TTFT
+   300 ms), in a rotating order. Client-side time from sending the request to the first
+   content delta.
 2. **Throughput + CPU.** Rounds of paid non-streaming requests (emulator TTFT 0) at a fixed
-   concurrency, each round preceded by a round of raw ``/v1/swap`` calls to the same mint
-   at the same concurrency (parse, blind, swap, unblind: the least any redeem costs).
-   The bot's CPU (utime+stime from /proc) is read before and after each bot round.
-3. **Soak.** A steady mix of streaming and non-streaming paid requests; the bot's RSS is
-   sampled throughout; growth is measured from after the warm-up to the end.
-4. **Memory under 500 streams.** N streaming requests held open at once (long, slow
+   concurrency, each round: raw ``/v1/swap`` calls to the same mint at the same
+   concurrency (parse, blind, swap, unblind: the least any redeem costs), then the bot
+   with ordinary tokens, then the bot with locked tokens. The bot's CPU (utime+stime from
+   /proc) is read before and after each bot round; its ``/metrics`` tell whether the
+   locked tokens were accepted with no mint call or swapped.
+3. **Memory under 500 streams.** N streaming requests held open at once (long, slow
    emulator streams); the peak RSS while they are open.
-5. **Nostr.** A second bot process with only Nostr on, a local relay (nostr-sdk's, in this
+4. **Nostr.** A second bot process with only Nostr on, a local relay (nostr-sdk's, in this
    process), one sender publishing N paid NIP-17 DMs; DMs answered per second (until every
    answer and change DM is back) and the bot's CPU per DM.
-6. **Profile** (not in the table): a third bot process, profiled by cProfile only while a
+5. **Profile** (not in the table): a third bot process, profiled by cProfile only while a
    round of paid requests (half streaming) runs; time is attributed to components.
 
-Every bot gets the config defaults (``bot/config.py``) with rate limits raised, plus any
-``--set key=value``; each bot's log is checked for WARNING/ERROR lines.
+**Soak**, beside all of them from the start (``bench._soak``: its own process, mint,
+emulator and bot): a steady mix of streaming and non-streaming paid requests; the bot's
+RSS is sampled throughout. It lasts as long as phases 1-5 (at least ``soak_min_s``), or
+exactly ``--soak-minutes``; growth is measured from after the warm-up to the end.
+
+Every bot gets the config defaults (``bot/config.py``) with rate limits raised and an
+operator token (for ``/metrics``), plus any ``--set key=value``; each bot's log is checked
+for WARNING/ERROR lines.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -38,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +56,30 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench._clients import RawSwapper, Reply, ask_bot, ask_direct, sdk_client
+from bench._clients import (
+    Locker,
+    Minter,
+    RawSwapper,
+    Reply,
+    ask_bot,
+    ask_direct,
+    metric_sum,
+    scrape,
+    sdk_client,
+)
+from bench._common import (
+    DEFAULT_HEADER_LIMIT,
+    HEADER_LIMIT,
+    MB,
+    OPERATOR_TOKEN,
+    OVERRIDES,
+    PAID_SAT,
+    Tokens,
+    apply_overrides,
+    bot_config,
+    bounded,
+    log,
+)
 from bench._proc import (
     HTTP_READY,
     NOSTR_READY,
@@ -55,19 +88,24 @@ from bench._proc import (
     rss_bytes,
     thread_cpu_seconds,
 )
+from bench._soak import SoakProc, soak_row
 from bench._stats import Row, median, pct, table
 from bot.llm.emulator import Emulator, start_emulator
 from tests.support.mint import MintProcess
 from tests.support.ports import free_port
-from tests.support.user_wallet import UserWallet
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PAID_SAT = 64  # one proof of 64 sat per token; swapped into 7 outputs by the bot
-MB = 1024 * 1024
+#: the operator's first funding token: the bot's receive splits it into small proofs
+#: (~1,800 sat in 1 .. 32), from which the change of concurrent locked payments is made up
+FUND_SMALL_SAT = 4096
 #: ERROR lines and tracebacks found in the bots' logs, reported with the results
 PROBLEMS: list[str] = []
 #: the bots' own log lines worth counting: a swap retried because the mint was busy
 RETRIES: list[str] = []
+#: notes on how the locked-token rows were measured, under the table
+LOCKED_NOTES: list[str] = []
+#: wall time of each part of the run, seconds
+PHASE_TIMES: list[tuple[str, float]] = []
 
 
 @dataclass(frozen=True)
@@ -78,7 +116,8 @@ class Plan:
     rounds: int
     per_round: int
     concurrency: int
-    soak_s: float
+    soak_min_s: float  # the soak lasts as long as the other phases, but at least this
+    soak_max_s: float  # ... and at most this
     soak_warmup_s: float
     soak_rate: float  # paid requests per second offered during the soak
     streams: int
@@ -86,13 +125,19 @@ class Plan:
     dms: int
     profile_requests: int
 
+    @property
+    def locked_payments(self) -> int:
+        """Locked tokens paid to the HTTP bot: TTFT, throughput warm-up and rounds."""
+        return self.ttft_samples + 2 + self.concurrency + self.rounds * self.per_round
+
 
 FULL = Plan(
     ttft_samples=40,
     rounds=5,
     per_round=150,
     concurrency=8,
-    soak_s=600,
+    soak_min_s=300,
+    soak_max_s=1200,
     soak_warmup_s=60,
     soak_rate=5,
     streams=500,
@@ -105,8 +150,9 @@ QUICK = Plan(
     rounds=2,
     per_round=40,
     concurrency=8,
-    soak_s=30,
-    soak_warmup_s=5,
+    soak_min_s=30,
+    soak_max_s=600,
+    soak_warmup_s=10,
     soak_rate=5,
     streams=100,
     dm_rounds=1,
@@ -115,70 +161,78 @@ QUICK = Plan(
 )
 
 
-def log(msg: str) -> None:
-    """Progress on stderr, with the wall clock."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+class LockedTokens:
+    """Tokens of ``PAID_SAT`` locked to the bot: minted plain, then swapped into locks."""
 
-
-class Tokens:
-    """Funded cashuB tokens of ``PAID_SAT`` (with DLEQ), minted pre-split by a user wallet."""
-
-    def __init__(self, wallet: UserWallet) -> None:
-        self.wallet = wallet
+    def __init__(self, tokens: Tokens, locker: Locker) -> None:
+        self.tokens = tokens
+        self.locker = locker
 
     async def take(self, n: int) -> list[str]:
-        """``n`` fresh tokens."""
-        return await self.wallet.send_tokens(PAID_SAT, n)
+        """``n`` fresh locked tokens."""
+        return await self.locker.lock(await self.tokens.take(n))
 
 
-#: config overrides from ``--set key.path=value`` (YAML values), applied to every bot
-OVERRIDES: dict[str, Any] = {}
+@contextlib.asynccontextmanager
+async def timed(name: str) -> AsyncIterator[None]:
+    """Record the wall time of one part of the run."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        PHASE_TIMES.append((name, time.monotonic() - started))
 
 
-def _apply(cfg: dict[str, Any]) -> dict[str, Any]:
-    for dotted, value in OVERRIDES.items():
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return cfg
+async def fund_stock(bot: BotProc, tokens: Tokens, n: int) -> None:
+    """The operator funds the bot's stock before it starts: one token of ``FUND_SMALL_SAT``,
+    then ``n`` of ``PAID_SAT`` (one per locked payment the run will make).
 
+    A locked payment of ``PAID_SAT`` whose answer costs under a sat hands its whole value
+    out as change from the stock: a ``PAID_SAT`` proof (the small ones reserved with it
+    come back). Until a sweep refills it (``locked.sweep_interval_s``, ~a dozen such
+    proofs per sweep) the stock needs one per payment. Done as ``ecashbot wallet receive``
+    does it (``Wallet.receive`` on the bot's wallet directory), in this process, 16 at a
+    time: one command per token would take a second each.
+    """
+    from bot.config import load_config
+    from bot.wallet_cli import open_wallet
+    from mint_client.tokens import parse_token
 
-def bot_config(wallet_dir: Path, mint_url: str, emulator_url: str, port: int) -> dict[str, Any]:
-    """The HTTP bot: defaults, except rate limits raised far above any load here."""
-    return _apply(
-        {
-            "mints": [mint_url],
-            "wallet": {"path": str(wallet_dir)},
-            "http": {"enabled": True, "host": "127.0.0.1", "port": port},
-            "gemini": {
-                "api_key": "bench-key",
-                "base_url": emulator_url,
-                "api_version": "v1beta",
-                "timeout_s": 600,
-            },
-            "rate_limit": {
-                "requests_capacity": 1_000_000,
-                "requests_per_s": 1_000_000,
-                "tokens_capacity": 10_000_000_000,
-                "tokens_per_s": 1_000_000_000,
-            },
-            "nostr": {"enabled": False},
-            "log_level": "INFO",
-        }
+    cfg = load_config(bot.write_config())
+    small = await tokens.take(1, FUND_SMALL_SAT)
+    toks = await tokens.take(n)
+    started = time.perf_counter()
+    async with open_wallet(cfg) as (wallet, _):
+        await wallet.receive(parse_token(small[0]))
+        await bounded(n, 16, lambda i: wallet.receive(parse_token(toks[i])))
+        held = await wallet.store.held_proofs(cfg.mints[0], cfg.unit)
+    shape = Counter(p.amount for p in held)
+    total = FUND_SMALL_SAT + n * PAID_SAT
+    log(
+        f"stock: the operator funded {total} sat in {n + 1} receives, "
+        f"{time.perf_counter() - started:.1f} s; {len(held)} proofs"
+    )
+    LOCKED_NOTES.append(
+        f"before the bot started, the operator funded its change stock with {total} sat "
+        f"(`Wallet.receive`, as `ecashbot wallet receive` does): one token of "
+        f"{FUND_SMALL_SAT} sat, then {n} of {PAID_SAT}, one per locked payment to come, since "
+        f"a locked {PAID_SAT}-sat payment whose answer costs under a sat takes a "
+        f"{PAID_SAT}-sat proof out of the stock as its change until a sweep refills it; "
+        f"the stock then held {len(held)} proofs ("
+        + ", ".join(f"{k} of {a}" for a, k in sorted(shape.items()))
+        + ")"
     )
 
 
-async def bounded(n: int, concurrency: int, job: Callable[[int], Awaitable[Any]]) -> list[Any]:
-    """Run ``job(0..n-1)`` with at most ``concurrency`` at once; results in order."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> Any:
-        async with gate:
-            return await job(i)
-
-    return await asyncio.gather(*(one(i) for i in range(n)))
+def _locked_counts(m: dict[str, float]) -> tuple[float, float, float, float, float]:
+    """accepted, swapped, sweeps done, sweeps failed, the bot's swap calls to the mint."""
+    return (
+        metric_sum(m, "ecashbot_locked_payments_total", 'how="accepted"'),
+        metric_sum(m, "ecashbot_locked_payments_total", 'how="swapped"'),
+        metric_sum(m, "ecashbot_locked_sweeps_total", 'outcome="done"'),
+        metric_sum(m, "ecashbot_locked_sweeps_total", 'outcome="failed"'),
+        metric_sum(m, "ecashbot_mint_call_duration_seconds_count", 'op="swap"'),
+    )
 
 
 # --- phases -----------------------------------------------------------------------------
@@ -190,203 +244,213 @@ async def phase_ttft(
     emu_url: str,
     bot_url: str,
     tokens: Tokens,
+    locked: LockedTokens,
     http: aiohttp.ClientSession,
-) -> Row:
-    """TTFT through the bot vs straight from the emulator, one request at a time."""
+) -> tuple[Row, Row]:
+    """TTFT through the bot (ordinary and locked tokens) vs straight from the emulator."""
     emu.ttft_ms, emu.chunk_delay_ms = 300, 10
     client = sdk_client(emu_url)
-    toks = await tokens.take(plan.ttft_samples + 2)
+    n = plan.ttft_samples + 2
+    plain = await tokens.take(n)
+    locks = await locked.take(n)
     direct: list[float] = []
     via_bot: list[float] = []
-    for i, token in enumerate(toks):
+    via_locked: list[float] = []
+    kinds = ["direct", "plain", "locked"]
+    for i in range(n):
         q = f"ttft {i}: why is the sky blue?"
-        d = await ask_direct(client, q)
-        r = await ask_bot(http, bot_url, q, token, stream=True)
-        if r.status != 200 or r.ttft_s is None:
-            raise RuntimeError(f"bot stream failed: {r}")
+        got: dict[str, float] = {}
+        for kind in kinds[i % 3 :] + kinds[: i % 3]:  # each kind in each position in turn
+            if kind == "direct":
+                got[kind] = await ask_direct(client, q)
+                continue
+            token = plain[i] if kind == "plain" else locks[i]
+            r = await ask_bot(http, bot_url, q, token, stream=True)
+            if r.status != 200 or r.ttft_s is None:
+                raise RuntimeError(f"bot stream ({kind} token) failed: {r}")
+            got[kind] = r.ttft_s
         if i >= 2:  # the first two warm up connections and caches
-            direct.append(d * 1000)
-            via_bot.append(r.ttft_s * 1000)
+            direct.append(got["direct"] * 1000)
+            via_bot.append(got["plain"] * 1000)
+            via_locked.append(got["locked"] * 1000)
     await client.aio.aclose()
-    log(f"TTFT bot median {median(via_bot):.0f} ms, direct median {median(direct):.0f} ms")
-    return Row(
-        "TTFT, paid stream via bot ÷ google-genai direct (emulator TTFT 300 ms)",
-        "ms",
-        via_bot,
-        median(direct),
-        "ratio ≤ 1.05",
-        "ratio<=",
-        1.05,
-        note=f"direct: median {median(direct):.1f} ms, p95 {pct(direct, 95):.1f} ms",
+    log(
+        f"TTFT bot median {median(via_bot):.0f} ms, locked {median(via_locked):.0f} ms, "
+        f"direct median {median(direct):.0f} ms"
     )
+    note = f"direct: median {median(direct):.1f} ms, p95 {pct(direct, 95):.1f} ms"
+    return (
+        Row(
+            "TTFT, paid stream via bot ÷ google-genai direct (emulator TTFT 300 ms)",
+            "ms",
+            via_bot,
+            median(direct),
+            "ratio ≤ 1.05",
+            "ratio<=",
+            1.05,
+            note=note,
+        ),
+        Row(
+            "TTFT, paid stream with a token locked to the bot (NUT-11) ÷ google-genai direct",
+            "ms",
+            via_locked,
+            median(direct),
+            "ratio ≤ 1.02",
+            "ratio<=",
+            1.02,
+            note=f"same rounds and baseline as the row above (the three interleaved); {note}",
+        ),
+    )
+
+
+async def _bot_round(
+    http: aiohttp.ClientSession, bot: BotProc, bot_url: str, toks: list[str], c: int
+) -> tuple[float, float, float, list[Reply]]:
+    """One round of paid non-streaming requests: rate, CPU ms per request (all threads,
+    event-loop thread), the replies."""
+    n = len(toks)
+    cpu0 = cpu_seconds(bot.pid)
+    main0, _ = thread_cpu_seconds(bot.pid)
+    started = time.perf_counter()
+    replies = await bounded(
+        n, c, lambda i: ask_bot(http, bot_url, f"q {i}: what is ecash?", toks[i], stream=False)
+    )
+    elapsed = time.perf_counter() - started
+    cpu1 = cpu_seconds(bot.pid)
+    main1, _ = thread_cpu_seconds(bot.pid)
+    bad = [r for r in replies if r.status != 200]
+    if bad:
+        raise RuntimeError(f"{len(bad)} paid requests failed, e.g. {bad[0]}")
+    return n / elapsed, (cpu1 - cpu0) * 1000 / n, (main1 - main0) * 1000 / n, replies
 
 
 async def phase_throughput(
     plan: Plan,
     emu: Emulator,
-    mint_url: str,
+    swapper: RawSwapper,
     bot: BotProc,
     bot_url: str,
     tokens: Tokens,
+    locked: LockedTokens,
     http: aiohttp.ClientSession,
-) -> tuple[Row, Row]:
-    """Raw swap rounds and bot rounds, alternating; bot CPU per request."""
+) -> tuple[Row, Row, Row, Row]:
+    """Raw swap rounds and bot rounds (ordinary, then locked tokens), alternating."""
     emu.ttft_ms, emu.chunk_delay_ms = 0, 0
-    swapper = RawSwapper(http, mint_url)
-    await swapper.load()
     mint_rates: list[float] = []
-    bot_rates: list[float] = []
-    cpu_ms: list[float] = []
-    loop_ms: list[float] = []  # of which the event-loop (main) thread
-    latencies: list[float] = []
+    rates: dict[str, list[float]] = {"plain": [], "locked": []}
+    cpu_ms: dict[str, list[float]] = {"plain": [], "locked": []}
+    loop_ms: dict[str, list[float]] = {"plain": [], "locked": []}
+    latencies: dict[str, list[float]] = {"plain": [], "locked": []}
+    change_bytes: dict[str, list[int]] = {"plain": [], "locked": []}
+    bot_swaps = 0.0  # the bot's /v1/swap calls during the locked rounds
+    sweeps_in_rounds = 0.0
     c, n = plan.concurrency, plan.per_round
     # warm-up: connections, keyset caches
     warm = await tokens.take(2 * c)
+    warm_locked = await locked.take(c)
     await bounded(c, c, lambda i: swapper.swap(warm[i]))
     await bounded(c, c, lambda i: ask_bot(http, bot_url, "warm up", warm[c + i], stream=False))
+    await bounded(c, c, lambda i: ask_bot(http, bot_url, "warm up", warm_locked[i], stream=False))
     for rnd in range(plan.rounds):
         raw = await tokens.take(n)
-        paid = await tokens.take(n)
+        paid = {"plain": await tokens.take(n), "locked": await locked.take(n)}
 
         async def swap(i: int, raw: list[str] = raw) -> float:
             return await swapper.swap(raw[i])
 
-        async def pay(i: int, paid: list[str] = paid) -> Reply:
-            return await ask_bot(http, bot_url, f"q {i}: what is ecash?", paid[i], stream=False)
-
         started = time.perf_counter()
         await bounded(n, c, swap)
         mint_rates.append(n / (time.perf_counter() - started))
-        cpu0 = cpu_seconds(bot.pid)
-        main0, _ = thread_cpu_seconds(bot.pid)
-        started = time.perf_counter()
-        replies = await bounded(n, c, pay)
-        elapsed = time.perf_counter() - started
-        cpu1 = cpu_seconds(bot.pid)
-        main1, _ = thread_cpu_seconds(bot.pid)
-        bad = [r for r in replies if r.status != 200]
-        if bad:
-            raise RuntimeError(f"{len(bad)} paid requests failed, e.g. {bad[0]}")
-        bot_rates.append(n / elapsed)
-        cpu_ms.append((cpu1 - cpu0) * 1000 / n)
-        loop_ms.append((main1 - main0) * 1000 / n)
-        latencies += [r.total_s * 1000 for r in replies]
+        for kind in ("plain", "locked"):
+            before = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
+            rate, cpu, loop, replies = await _bot_round(http, bot, bot_url, paid[kind], c)
+            after = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
+            rates[kind].append(rate)
+            cpu_ms[kind].append(cpu)
+            loop_ms[kind].append(loop)
+            latencies[kind] += [r.total_s * 1000 for r in replies]
+            change_bytes[kind] += [r.change_bytes for r in replies]
+            if kind == "locked":
+                bot_swaps += after[4] - before[4]
+                sweeps_in_rounds += after[2] - before[2]
         log(
             f"round {rnd + 1}/{plan.rounds}: mint {mint_rates[-1]:.1f} swaps/s, "
-            f"bot {bot_rates[-1]:.1f} req/s, bot CPU {cpu_ms[-1]:.1f} ms/request"
+            f"bot {rates['plain'][-1]:.1f} req/s ({cpu_ms['plain'][-1]:.1f} ms CPU each), "
+            f"locked {rates['locked'][-1]:.1f} req/s ({cpu_ms['locked'][-1]:.1f} ms CPU each)"
         )
-    ratios = [b / m for b, m in zip(bot_rates, mint_rates, strict=True)]
-    thr = Row(
-        f"Throughput, paid non-streaming (concurrency {c}) ÷ raw mint /v1/swap",
-        "req/s",
-        bot_rates,
-        median(mint_rates),
-        "ratio ≥ 0.9",
-        "ratio>=",
-        0.9,
-        note=(
-            f"raw swap rounds: {', '.join(f'{x:.1f}' for x in mint_rates)} /s; "
-            f"per-round ratios: {', '.join(f'{x:.2f}' for x in ratios)}; "
-            f"bot request latency median {median(latencies):.0f} ms, "
-            f"p95 {pct(latencies, 95):.0f} ms"
-        ),
+    LOCKED_NOTES.append(
+        f"during the {plan.rounds} locked rounds ({plan.rounds * n} requests) the bot's "
+        f"mint-call histogram counts {bot_swaps:.0f} `/v1/swap` call(s), and its sweep "
+        f"counter {sweeps_in_rounds:.0f} batch sweep(s) of locked proofs in those rounds"
     )
-    cpu = Row(
-        "Bot CPU per paid request (HTTP, unlocked cashuB)",
-        "ms",
-        cpu_ms,
-        None,
-        "≤ 10 ms",
-        "<=",
-        10,
-        note=(
-            "per round: (utime+stime after - before) ÷ requests; of which the event-loop "
-            f"thread median {median(loop_ms):.1f} ms, other threads (SQLite state and proof "
-            f"store, executors) {median(cpu_ms) - median(loop_ms):.1f} ms"
-        ),
+    rounds_note = (
+        f"raw swap rounds: {', '.join(f'{x:.1f}' for x in mint_rates)} /s (the raw client "
+        f"retried {swapper.retried[0]} swaps on a busy mint, as the bot does); per-round ratios: "
     )
-    return thr, cpu
 
-
-async def phase_soak(
-    plan: Plan,
-    emu: Emulator,
-    bot: BotProc,
-    bot_url: str,
-    tokens: Tokens,
-    http: aiohttp.ClientSession,
-) -> Row:
-    """Steady paid load; RSS growth of the bot after the warm-up."""
-    emu.ttft_ms, emu.chunk_delay_ms = 300, 10
-    total = int(plan.soak_s * plan.soak_rate) + 10
-    log(f"soak: minting {total} tokens")
-    toks = await tokens.take(total)
-    log(f"soak: {plan.soak_s:.0f} s at {plan.soak_rate} req/s (half streaming)")
-    samples: list[tuple[float, int]] = []
-    failures = 0
-    tasks: set[asyncio.Task[Any]] = set()
-    started = time.monotonic()
-
-    async def one(i: int) -> None:
-        nonlocal failures
-        r = await ask_bot(
-            http, bot_url, f"soak {i}: tell me about sats", toks[i], stream=i % 2 == 0
+    def thr(kind: str, metric: str, target: str, limit: float) -> Row:
+        ratios = [b / m for b, m in zip(rates[kind], mint_rates, strict=True)]
+        lat = latencies[kind]
+        sizes = change_bytes[kind]
+        big = sum(1 for x in sizes if x > DEFAULT_HEADER_LIMIT)
+        return Row(
+            metric,
+            "req/s",
+            rates[kind],
+            median(mint_rates),
+            target,
+            "ratio>=",
+            limit,
+            note=(
+                f"{rounds_note}{', '.join(f'{x:.2f}' for x in ratios)}; bot request latency "
+                f"median {median(lat):.0f} ms, p95 {pct(lat, 95):.0f} ms; change token "
+                f"(`X-Cashu` header) median {median(sizes):.0f} bytes, max {max(sizes)}, "
+                f"{big} of {len(sizes)} longer than {DEFAULT_HEADER_LIMIT} (aiohttp's default "
+                "header limit: such a client fails to read the answer)"
+            ),
         )
-        if r.status != 200:
-            failures += 1
 
-    async def sampler() -> None:
-        while True:
-            samples.append((time.monotonic() - started, rss_bytes(bot.pid)))
-            await asyncio.sleep(2)
+    def cpu(kind: str, metric: str, what: str) -> Row:
+        return Row(
+            metric,
+            "ms",
+            cpu_ms[kind],
+            None,
+            "≤ 10 ms",
+            "<=",
+            10,
+            note=(
+                "per round: (utime+stime after - before) ÷ requests; of which the event-loop "
+                f"thread median {median(loop_ms[kind]):.1f} ms, other threads ({what}) "
+                f"{median(cpu_ms[kind]) - median(loop_ms[kind]):.1f} ms"
+            ),
+        )
 
-    sampling = asyncio.create_task(sampler())
-    i = 0
-    while (now := time.monotonic() - started) < plan.soak_s and i < len(toks):
-        due = int(now * plan.soak_rate)
-        while i < min(due, len(toks)):
-            t = asyncio.create_task(one(i))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-            i += 1
-        emu.requests.clear()  # the emulator records every call: keep the bench lean
-        await asyncio.sleep(0.05)
-    await asyncio.gather(*tasks)
-    samples.append((time.monotonic() - started, rss_bytes(bot.pid)))
-    sampling.cancel()
-    after = [rss for t, rss in samples if t >= plan.soak_warmup_s]
-    start_rss = after[0]
-    # the end: median of the last few samples, so one GC moment does not decide it
-    end_rss = median([float(x) for x in after[-3:]])
-    growth = (end_rss - start_rss) * 100 / start_rss
-    log(
-        f"soak: {i} requests, {failures} failed; RSS {start_rss / MB:.1f} MB after warm-up, "
-        f"{end_rss / MB:.1f} MB at the end ({growth:+.2f} %)"
-    )
-    return Row(
-        f"Bot RSS growth over a {plan.soak_s / 60:.3g} min soak ({plan.soak_rate} req/s)",
-        "%",
-        [growth],
-        None,
-        "< 5 %",
-        "<",
-        5,
-        note=(
-            f"{i} requests ({failures} failed); RSS {start_rss / MB:.1f} MB after "
-            f"{plan.soak_warmup_s:.0f} s warm-up → {end_rss / MB:.1f} MB; peak "
-            f"{max(x for _, x in samples) / MB:.1f} MB; RSS (MB) at each tenth of the soak: "
-            + ", ".join(f"{x / MB:.1f}" for x in _tenths(samples, plan.soak_s))
+    return (
+        thr(
+            "plain",
+            f"Throughput, paid non-streaming (concurrency {c}) ÷ raw mint /v1/swap",
+            "ratio ≥ 0.9",
+            0.9,
+        ),
+        thr(
+            "locked",
+            f"Throughput, paid non-streaming with locked tokens (concurrency {c}) ÷ raw mint "
+            "/v1/swap",
+            "ratio ≥ 3",
+            3,
+        ),
+        cpu(
+            "plain",
+            "Bot CPU per paid request (HTTP, unlocked cashuB)",
+            "SQLite state and proof store, executors",
+        ),
+        cpu(
+            "locked",
+            "Bot CPU per paid request (HTTP, cashuB locked to the bot)",
+            "SQLite state and proof store, executors; the batch sweeps that fell in a round",
         ),
     )
-
-
-def _tenths(samples: list[tuple[float, int]], duration_s: float) -> list[int]:
-    """The first RSS sample at or after each tenth of the soak (1/10 ... 10/10)."""
-    out = []
-    for k in range(1, 11):
-        at = duration_s * k / 10
-        out.append(next((x for t, x in samples if t >= at), samples[-1][1]))
-    return out
 
 
 async def phase_streams(
@@ -397,8 +461,11 @@ async def phase_streams(
     toks = await tokens.take(n)
     idle = rss_bytes(bot.pid)
     # each stream lasts long enough for all n to be open at once (the bot redeems each
-    # token at the mint first, ~10-20 per second here)
+    # token at the mint first, ~10-20 per second here); at most ``opening`` wait for their
+    # payment at once, so a burst of n swaps does not outlast the bot's mint timeout on a
+    # busy machine (the streams already open stay open meanwhile)
     duration_s = 20 + n / 5
+    opening = asyncio.Semaphore(32)
     delay_ms = 500
     words = int(duration_s * 1000 / delay_ms)
     directives = (
@@ -412,7 +479,12 @@ async def phase_streams(
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=duration_s * 3 + 300)
     log(f"streams: {n} concurrent, each ~{duration_s:.0f} s long; idle RSS {idle / MB:.1f} MB")
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        max_line_size=HEADER_LIMIT,
+        max_field_size=HEADER_LIMIT,
+    ) as session:
 
         async def one(i: int) -> str:
             nonlocal open_now, most_open
@@ -422,6 +494,7 @@ async def phase_streams(
                 "stream": True,
             }
             seen = False
+            await opening.acquire()
             try:
                 async with session.post(
                     f"{bot_url}/v1/chat/completions", json=body, headers={"X-Cashu": toks[i]}
@@ -431,6 +504,7 @@ async def phase_streams(
                     async for line in resp.content:
                         if not seen and b'"content"' in line:
                             seen = True
+                            opening.release()  # paid and answering: let the next one in
                             open_now += 1
                             most_open = max(most_open, open_now)
                         if b'"error"' in line:
@@ -441,6 +515,8 @@ async def phase_streams(
             finally:
                 if seen:
                     open_now -= 1
+                else:
+                    opening.release()
 
         jobs = asyncio.gather(*(one(i) for i in range(n)))
         while not jobs.done():
@@ -492,7 +568,7 @@ async def phase_nostr(
         "retry_interval_s": 0.5,
         "reconnect_s": 0.5,
     }
-    _apply(cfg)
+    apply_overrides(cfg)
     bot = BotProc(work / "bot-nostr", cfg, NOSTR_READY)
     await bot.start()
     rates: list[float] = []
@@ -584,7 +660,11 @@ async def phase_profile(
     n = plan.profile_requests
     c = plan.concurrency
     toks = await tokens.take(n + c)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        max_line_size=HEADER_LIMIT,
+        max_field_size=HEADER_LIMIT,
+    ) as http:
         # warm up (connections, keyset caches, lazy imports) before profiling starts
         await bounded(c, c, lambda i: ask_bot(http, url, "warm up", toks[n + i], stream=i % 2 == 0))
         bot.send_signal(signal.SIGUSR1)
@@ -637,46 +717,96 @@ async def run(plan: Plan, quick: bool, out: Path) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="ecashbot-bench-") as tmp:
         work = Path(tmp)
+        soak = SoakProc(
+            work / "soak",
+            min_s=plan.soak_min_s,
+            max_s=plan.soak_max_s,
+            warmup_s=plan.soak_warmup_s,
+            rate=plan.soak_rate,
+        )
+        soak.start()
         log("starting the mint (nutshell, FakeWallet, fee 0)")
         mint = MintProcess(work / "mint", input_fee_ppk=0)
-        await mint.start()
-        emu = Emulator(ttft_ms=300, chunk_delay_ms=10)
-        running = await start_emulator(emu)
         bot: BotProc | None = None
+        running = None
+        # the mint-facing session: pooled connections are dropped after 2 s idle, before
+        # the mint's server (uvicorn, keep-alive 5 s) closes them under a request
+        minting = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
+        )
         try:
-            wallet = await UserWallet.create(mint.url, work / "user")
-            tokens = Tokens(wallet)
+            await mint.start()
+            emu = Emulator(ttft_ms=300, chunk_delay_ms=10)
+            running = await start_emulator(emu)
+            tokens = Tokens(Minter(minting, mint.url))
             port = free_port()
             bot = BotProc(
                 work / "bot-http",
                 bot_config(work / "bot-http" / "wallet", mint.url, running.url, port),
                 HTTP_READY,
             )
+            async with timed("setup: funding the change stock"):
+                await fund_stock(bot, tokens, plan.locked_payments + plan.concurrency)
             await bot.start()
             bot_url = f"http://127.0.0.1:{port}"
             log(f"mint {mint.url}, emulator {running.url}, bot {bot_url} (pid {bot.pid})")
             rows: list[Row] = []
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=300)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=300),
+                max_line_size=HEADER_LIMIT,
+                max_field_size=HEADER_LIMIT,
             ) as http:
-                rows.append(await phase_ttft(plan, emu, running.url, bot_url, tokens, http))
-                rows += await phase_throughput(plan, emu, mint.url, bot, bot_url, tokens, http)
-                rows.append(await phase_soak(plan, emu, bot, bot_url, tokens, http))
-            streams = await phase_streams(plan, emu, bot, bot_url, tokens)
-            rows.insert(3, streams)
+                async with http.get(f"{bot_url}/v1/models") as resp:
+                    pubkey = (await resp.json())["payment"]["p2pk_pubkey"]
+                if not pubkey:
+                    raise RuntimeError("the bot advertises no lock key (locked.enabled off?)")
+                swapper = RawSwapper(minting, mint.url)
+                await swapper.load()
+                locked = LockedTokens(tokens, Locker(swapper, pubkey))
+                before = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
+                async with timed("1. TTFT"):
+                    rows += await phase_ttft(plan, emu, running.url, bot_url, tokens, locked, http)
+                async with timed("2. throughput + CPU"):
+                    rows += await phase_throughput(
+                        plan, emu, swapper, bot, bot_url, tokens, locked, http
+                    )
+                after = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
+            _note_locked(plan, before, after)
+            async with timed(f"3. {plan.streams} streams"):
+                rows.append(await phase_streams(plan, emu, bot, bot_url, tokens))
             PROBLEMS.extend(f"HTTP bot: {x}" for x in bot.problems())
             RETRIES.extend(bot.grep("retried"))
             await bot.stop()
             bot = None
-            rows += await phase_nostr(plan, emu, running.url, mint.url, tokens, work)
-            profile = await phase_profile(plan, emu, running.url, mint.url, tokens, work)
-            await wallet.close()
+            async with timed("4. Nostr"):
+                rows += await phase_nostr(plan, emu, running.url, mint.url, tokens, work)
+            async with timed("5. profile"):
+                profile = await phase_profile(plan, emu, running.url, mint.url, tokens, work)
+            others_end = time.time()
+            async with timed("soak: the wait for its end"):
+                soaked = await soak.finish()
+        except BaseException:
+            await soak.kill()
+            raise
         finally:
+            await minting.close()
             if bot is not None:
                 await bot.stop()
-            await running.stop()
+            if running is not None:
+                await running.stop()
             await mint.stop()
+    PROBLEMS.extend(f"soak bot: {x}" for x in soaked["problems"])
+    RETRIES.extend(soaked["retries"])
+    duration = float(soaked["duration_s"])
+    others_s = others_end - float(soaked["started_at"])  # the soak's time beside the rest
+    alongside = (
+        "beside phases 1-5"
+        if duration <= others_s + 5
+        else f"beside phases 1-5 for its first {others_s / 60:.1f} min"
+    )
+    rows.insert(7, soak_row(soaked, alongside))
     took = time.monotonic() - t_start
     report = render(rows, profile, plan, quick, took, load_before, os.getloadavg())
     await asyncio.to_thread(out.write_text, report)
@@ -685,6 +815,27 @@ async def run(plan: Plan, quick: bool, out: Path) -> int:
     print(profile)
     log(f"done in {took / 60:.1f} min; wrote {out}")
     return 0
+
+
+def _note_locked(
+    plan: Plan,
+    before: tuple[float, float, float, float, float],
+    after: tuple[float, float, float, float, float],
+) -> None:
+    accepted, swapped, sweeps, failed, _ = (a - b for a, b in zip(after, before, strict=True))
+    paid = plan.locked_payments
+    log(
+        f"locked: {accepted:.0f} of {paid} accepted with no mint call, {swapped:.0f} swapped; "
+        f"{sweeps:.0f} sweeps done, {failed:.0f} failed"
+    )
+    LOCKED_NOTES.insert(
+        0,
+        f"`ecashbot_locked_payments_total` on the bot's `/metrics`: of the {paid} locked "
+        f"tokens paid in phases 1-2, **{accepted:.0f} were accepted with no mint call and "
+        f"{swapped:.0f} swapped** (what the bot does when its stock can't make the change); "
+        f"{sweeps:.0f} batch sweeps of locked proofs done meanwhile (every "
+        f"`locked.sweep_interval_s`, default), {failed:.0f} failed",
+    )
 
 
 def render(
@@ -698,6 +849,7 @@ def render(
 ) -> str:
     """RESULTS.md: conditions, the table, notes per row, the profile."""
     notes = "\n".join(f"- **{r.metric}**: {r.note}" for r in rows if r.note)
+    notes += "\n- **Locked tokens**: " + "; ".join(LOCKED_NOTES) + "."
     shown = "\n".join(f"    {p[:300]}" for p in PROBLEMS[:20])
     notes += f"\n- **Bot logs**: {len(PROBLEMS)} WARNING/ERROR/traceback lines" + (
         f":\n\n{shown}" if shown else "."
@@ -708,19 +860,28 @@ def render(
         f"\n- **Mint busy**: the bots retried {len(RETRIES)} swaps or payments after a "
         "passing mint failure (nutshell's SQLite lock; back-off 0.25 s, 0.5 s, ...)."
     )
+    notes += "\n- **Wall time** of each part: " + ", ".join(
+        f"{name} {secs:.0f} s" for name, secs in PHASE_TIMES
+    )
     return f"""# Benchmark results
 
 `{" ".join(["uv run python -m bench", *sys.argv[1:]])}` on {now}, code {_git()},
 {platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} CPUs,
 load average {load_before[0]:.2f} before / {load_after[0]:.2f} after; took {took_s / 60:.1f} min.
-Mint, emulator, relay, clients and bot all share this machine, so numbers are noisy.
-Bot config: the defaults of `bot/config.py` (rate limits raised){overrides}.
+Mint, emulator, relay, clients and bot all share this machine, so numbers are noisy; the
+soak (its own mint, emulator and bot, {plan.soak_rate:g} paid requests/s) runs beside
+every other phase and takes its share of the 2 cores.
+Bot config: the defaults of `bot/config.py` (rate limits raised, an operator token for
+`/metrics`){overrides}.
 
 {table(rows)}
 
 Samples: TTFT per request; throughput, CPU and DM/s per round ({plan.rounds} rounds of
 {plan.per_round} requests, {plan.dm_rounds} of {plan.dms} DMs); one value for the memory
-rows. Ratios divide medians. Tokens: cashuB, {PAID_SAT} sat in one proof with DLEQ, fee 0.
+rows. Ratios divide medians. Tokens: cashuB, {PAID_SAT} sat in one proof with DLEQ, fee 0;
+locked ones: the same, swapped by the client at the mint into a proof whose secret is a
+NUT-11 P2PK lock to the bot's key (`GET /v1/models` → `payment.p2pk_pubkey`, no locktime,
+SIG_INPUTS), with the mint's DLEQ.
 
 {notes}
 
@@ -734,7 +895,15 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the suite."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a short run (~2-3 min) to check it works"
+        "--quick", action="store_true", help="a short run (~3 min) to check it works"
+    )
+    parser.add_argument(
+        "--soak-minutes",
+        type=float,
+        metavar="N",
+        help="soak for exactly N minutes (e.g. 10, the issue's full soak; the run then lasts "
+        "at least that long); default: as long as the other phases, at least "
+        f"{FULL.soak_min_s / 60:g} min ({QUICK.soak_min_s:g} s with --quick)",
     )
     parser.add_argument(
         "--set",
@@ -751,4 +920,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set wants KEY=VALUE, not {item!r}")
         OVERRIDES[key] = yaml.safe_load(value)
     plan = QUICK if args.quick else FULL
+    if args.soak_minutes is not None:
+        if args.soak_minutes <= plan.soak_warmup_s / 60:
+            parser.error(f"--soak-minutes must exceed the warm-up ({plan.soak_warmup_s:g} s)")
+        secs = args.soak_minutes * 60
+        plan = dataclasses.replace(plan, soak_min_s=secs, soak_max_s=secs)
     return asyncio.run(run(plan, args.quick, args.out))

@@ -3,11 +3,14 @@
 Reads the payment record and the proof store, and asks the mints (NUT-07) whether the
 proofs the bot holds are really unspent. It checks:
 
-* per payment: paid = charged + change + mint fee;
+* per payment: paid = charged + change + mint fee; the proofs it brought in add up to
+  what it paid (less the fee, when swapped; all of it, when locked to the bot); the
+  proofs issued to it (its own, or from the stock) add up to its change;
 * overall: received = kept + change issued + mint fees (+ what is still being resolved);
-* the wallet against the record: held proofs = sum charged, issued proofs = sum of
-  change, reserved proofs = what in-flight payments hold;
-* every held proof is unspent at its mint;
+* the wallet against the record: what it holds (held, locked, reserved as stock, set
+  aside) + what went out = kept + the fees locked payments paid ahead of their sweep;
+  issued proofs = sum of change;
+* every held or locked proof is unspent at its mint;
 * transfers out (tokens sent, Lightning payments): inputs = amount + fees + change, and
   what the wallet holds = kept - everything paid out and its fees;
 * every change token is delivered, picked up again, or pending.
@@ -55,6 +58,14 @@ class AuditReport:
     out_change_sat: int = 0
     #: proofs set aside for transfers out still in flight
     spending_sat: int = 0
+    #: proofs locked to the bot, taken with no mint call and not swapped yet
+    locked_sat: int = 0
+    #: of ``received_sat``: paid with tokens locked to the bot
+    locked_in_sat: int = 0
+    #: mint fees locked payments paid, which their sweeps pay (or paid) at the mint
+    locked_fee_sat: int = 0
+    #: batch swaps of locked proofs (done)
+    sweeps: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -80,17 +91,20 @@ class AuditReport:
             ("  mint fees", self.fee_sat),
             ("  still being resolved", self.in_flight_sat),
             ("  (of received: paid by Lightning invoice)", self.minted_in_sat),
+            ("  (of received: paid locked to the bot)", self.locked_in_sat),
             ("difference", self.difference_sat),
             ("transfers out", self.transfers),
             ("  paid out by Lightning", self.paid_out_sat),
             ("  sent as tokens", self.sent_out_sat),
             ("  their fees (mint and Lightning)", self.out_fee_sat),
             ("  their change, kept", self.out_change_sat),
+            ("sweeps of locked proofs (fees among the above)", self.sweeps),
             ("wallet: held proofs", self.held_sat),
-            ("wallet: held and unspent at the mint", self.held_unspent_sat),
+            ("wallet: held or locked, and unspent at the mint", self.held_unspent_sat),
             ("wallet: issued as change", self.issued_sat),
             ("wallet: reserved for payments in flight", self.reserved_sat),
             ("wallet: set aside for transfers out in flight", self.spending_sat),
+            ("wallet: locked to the bot, not swapped yet", self.locked_sat),
             ("change tokens delivered", self.change_delivered),
             ("change tokens picked up again", self.change_picked_up),
             ("change tokens pending delivery", self.change_pending),
@@ -118,8 +132,13 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
     r = AuditReport()
     proofs = await store.all_proofs()
     by_payment: dict[str | None, Counter[str]] = {}
+    #: what each payment was given: its change (issued), stock reserved for it
+    given: dict[str | None, Counter[str]] = {}
     for sp in proofs:
         by_payment.setdefault(sp.payment_id, Counter())[sp.state] += sp.proof.amount
+        if sp.state in ("issued", "reserved"):
+            given.setdefault(sp.given_to, Counter())[sp.state] += sp.proof.amount
+    in_flight: set[str] = set()
     for rec in await store.all_payments():
         if rec.status == "failed":
             r.failed += 1
@@ -129,10 +148,15 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
         r.fee_sat += rec.fee_sat
         if rec.token_hash.startswith("quote:"):
             r.minted_in_sat += rec.paid_sat
+        if rec.locked:
+            r.locked_in_sat += rec.paid_sat
         states = by_payment.get(rec.id, Counter())
         if rec.status in ("redeeming", "redeemed"):
             r.in_flight_sat += rec.paid_sat - rec.fee_sat
+            in_flight.add(rec.id)
             continue
+        if rec.locked:
+            r.locked_fee_sat += rec.fee_sat
         charged, change = rec.charged_sat or 0, rec.change_sat or 0
         r.kept_sat += charged
         r.change_sat += change
@@ -141,13 +165,16 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
                 f"payment {rec.id}: paid {rec.paid_sat} != charged {charged} + change "
                 f"{change} + fee {rec.fee_sat}"
             )
-        # what was charged is held, or went out later in a transfer (spending/spent/sent)
-        kept = states["held"] + states["spending"] + states["spent"] + states["sent"]
-        if kept != charged or states["issued"] != change or states["reserved"]:
+        # the proofs it brought in (kept since, swept, spent, or given as change to any
+        # payment), and the proofs given to it as change (its own, or from the stock)
+        brought = sum(states.values())
+        expected = rec.paid_sat if rec.locked else rec.paid_sat - rec.fee_sat
+        got = given.get(rec.id, Counter())
+        if brought != expected or got["issued"] != change or got["reserved"]:
             r.problems.append(
-                f"payment {rec.id}: proofs kept {kept} / issued {states['issued']} "
-                f"/ reserved {states['reserved']} do not match charged {charged} / change "
-                f"{change}"
+                f"payment {rec.id}: proofs brought in {brought} (expected {expected}) / "
+                f"issued to it {got['issued']} / reserved for it {got['reserved']} do not "
+                f"match charged {charged} / change {change}"
             )
         if rec.change_token:
             if rec.pickups:
@@ -160,16 +187,24 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
     r.issued_sat = sum(sp.proof.amount for sp in proofs if sp.state == "issued")
     r.reserved_sat = sum(sp.proof.amount for sp in proofs if sp.state == "reserved")
     r.spending_sat = sum(sp.proof.amount for sp in proofs if sp.state == "spending")
+    r.locked_sat = sum(sp.proof.amount for sp in proofs if sp.state == "locked")
     await _audit_transfers(store, proofs, r)
     out = r.paid_out_sat + r.sent_out_sat + r.out_fee_sat
-    if r.held_sat + r.spending_sat + out != r.kept_sat:
+    # what the wallet owns, less what payments still in flight brought in
+    owned = sum(
+        sp.proof.amount
+        for sp in proofs
+        if sp.state in ("held", "spending", "locked", "reserved") and sp.payment_id not in in_flight
+    )
+    if owned + out != r.kept_sat + r.locked_fee_sat:
         r.problems.append(
-            f"wallet holds {r.held_sat} sat (+ {r.spending_sat} set aside) but the record kept "
-            f"{r.kept_sat} and paid out {out} (fees included)"
+            f"wallet owns {owned} sat (held {r.held_sat}, set aside {r.spending_sat}, locked "
+            f"{r.locked_sat}) but the record kept {r.kept_sat} (+ {r.locked_fee_sat} sat of "
+            f"fees locked payments paid ahead) and paid out {out} (fees included)"
         )
     if r.issued_sat != r.change_sat:
         r.problems.append(f"wallet issued {r.issued_sat} sat but the record {r.change_sat}")
-    held = [sp for sp in proofs if sp.state == "held"]
+    held = [sp for sp in proofs if sp.state in ("held", "locked")]
     for mint in sorted({sp.mint for sp in held}):
         mine = [sp for sp in held if sp.mint == mint]
         try:
@@ -183,7 +218,8 @@ async def _audit(store: ProofStore, mints: MintRegistry) -> AuditReport:
                 r.held_unspent_sat += sp.proof.amount
             else:
                 r.problems.append(
-                    f"held proof {sp.proof.Y()[:16]} ({sp.proof.amount} sat) is {state} at {mint}"
+                    f"{sp.state} proof {sp.proof.Y()[:16]} ({sp.proof.amount} sat) is {state} "
+                    f"at {mint}"
                 )
     return r
 
@@ -202,7 +238,10 @@ async def _audit_transfers(store: ProofStore, proofs: list[StoredProof], r: Audi
             if inputs[t.id]:
                 r.problems.append(f"transfer {t.id}: failed but still holds {inputs[t.id]} sat")
             continue
-        r.transfers += 1
+        if t.kind == "sweep":
+            r.sweeps += t.status == "done"
+        else:
+            r.transfers += 1
         if inputs[t.id] != t.input_sat:
             r.problems.append(
                 f"transfer {t.id}: its inputs are {inputs[t.id]} sat, the record says {t.input_sat}"

@@ -109,6 +109,28 @@ class FastPathConfig(_Section):
     overlap: bool = True
 
 
+class LockedConfig(_Section):
+    """Tokens locked to the bot (NUT-11 P2PK with NUT-12 DLEQ): paid with no mint call.
+
+    Nobody but the bot can spend such a token, so it is accepted offline (its proofs'
+    Ys claimed once in the state store), answered, and swapped into the bot's own proofs
+    later, in batches. Change comes from a stock of the bot's own small proofs.
+    """
+
+    #: accept locked tokens and advertise the bot's lock key (402 ``nut10``,
+    #: ``GET /v1/models``, a NIP-61 kind 10019 event)
+    enabled: bool = True
+    #: a lock whose refund path (``locktime``) opens sooner than this is refused, seconds:
+    #: the bot must have swapped the proofs before the sender can take them back
+    min_lock_s: int = Field(default=3600, ge=60)
+    #: seconds between batch swaps of accepted locked proofs
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    #: most locked proofs swapped in one batch
+    sweep_max_inputs: int = Field(default=200, ge=1, le=1000)
+    #: small proofs kept ready per mint for change, in sat (refilled by the batch swaps)
+    stock_sat: int = Field(default=4096, ge=0)
+
+
 class RateLimitConfig(_Section):
     """Token buckets per payer (Nostr pubkey, or client IP over HTTP)."""
 
@@ -268,6 +290,7 @@ class Config(BaseSettings):
     gemini: GeminiConfig = GeminiConfig()
     limits: LimitsConfig = LimitsConfig()
     fast_path: FastPathConfig = FastPathConfig()
+    locked: LockedConfig = LockedConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     budget: BudgetConfig = BudgetConfig()
     operator: OperatorConfig = OperatorConfig()

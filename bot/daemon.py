@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ from bot.nostr import NostrTransport
 from bot.outbox import Outbox
 from bot.payout import payout_loop
 from bot.pipeline import LLM, Pipeline
-from bot.state import State, open_state
+from bot.state import State, StateUnavailable, open_state
 from mint_client.lnwallet import LightningWallet
+from mint_client.p2pk import LockKey
 from mint_client.protocol import MintRegistry
 from mint_client.store import ProofStore
 from mint_client.wallet import load_or_create_seed
@@ -61,7 +63,17 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         mints = MintRegistry(
             session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s, observer=metrics.mint_call
         )
-        wallet = LightningWallet(store, mints, load_or_create_seed(cfg.wallet.path), cfg.unit)
+        wallet = LightningWallet(
+            store,
+            mints,
+            load_or_create_seed(cfg.wallet.path),
+            cfg.unit,
+            # loaded even when locked tokens are off: it signs the sweep of those taken before
+            lock_key=LockKey.load_or_create(cfg.wallet.path),
+            min_lock_s=cfg.locked.min_lock_s,
+            takes_locked=cfg.locked.enabled,
+            stock_sat=cfg.locked.stock_sat,
+        )
         model: LLM
         if llm is None:
             gemini = Gemini(cfg.gemini)
@@ -100,12 +112,22 @@ async def running(cfg: Config, llm: LLM | None = None) -> AsyncIterator[Daemon]:
         )
         # payments a crash left half done: resolve them now, then keep watching
         await recover_once(daemon, min_age_s=0)
+        try:
+            await pipeline.reclaim_locked(since=time.time() - RECLAIM_LOCKED_S)
+        except StateUnavailable:
+            log.warning("locked payments' claims not renewed at start-up (state down)")
         recovery = asyncio.create_task(_recovery_loop(daemon), name="recovery")
         stack.push_async_callback(_cancel, recovery)
+        sweeps = asyncio.create_task(_sweep_loop(daemon), name="sweep")
+        stack.push_async_callback(_cancel, sweeps)
         if cfg.payout.lnaddress:
             payouts = asyncio.create_task(payout_loop(cfg.payout, wallet, session), name="payout")
             stack.push_async_callback(_cancel, payouts)
         yield daemon
+
+
+#: at start-up, the replay claims of locked payments this recent are renewed
+RECLAIM_LOCKED_S = 3600
 
 
 async def recover_once(daemon: Daemon, *, min_age_s: float) -> None:
@@ -127,6 +149,31 @@ async def _recovery_loop(daemon: Daemon) -> None:
     while True:
         await asyncio.sleep(daemon.cfg.wallet.recovery_interval_s)
         await recover_once(daemon, min_age_s=daemon.cfg.wallet.recovery_min_age_s)
+
+
+async def sweep_once(daemon: Daemon) -> None:
+    """Swap the locked proofs accepted so far into the bot's own, one batch per mint."""
+    max_inputs = daemon.cfg.locked.sweep_max_inputs
+    metrics = daemon.pipeline.metrics
+    for mint in daemon.cfg.mints:
+        while True:
+            try:
+                done = await daemon.wallet.sweep(mint, max_inputs=max_inputs)
+            except Exception as exc:
+                metrics.sweep("failed")
+                log.warning("sweep at %s failed (%s); retrying later", mint, exc)
+                break
+            if done is None:
+                break
+            metrics.sweep("done")
+            if len(done.input_ys) < max_inputs:
+                break
+
+
+async def _sweep_loop(daemon: Daemon) -> None:
+    while True:
+        await asyncio.sleep(daemon.cfg.locked.sweep_interval_s)
+        await sweep_once(daemon)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -350,8 +350,13 @@ async def _stream(
 
 
 async def models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: what is sold, at what price, for which ecash."""
+    """``GET /v1/models``: what is sold, at what price, for which ecash.
+
+    ``payment.p2pk_pubkey`` is the key a wallet may lock its token to (NUT-11) instead of
+    sending bearer ecash; null when the bot accepts no locked tokens.
+    """
     cfg = request.app[CONFIG]
+    lock_pubkey = request.app[PIPELINE].lock_pubkey
     return web.json_response(
         {
             "object": "list",
@@ -376,6 +381,8 @@ async def models(request: web.Request) -> web.Response:
                 "header": "X-Cashu",
                 "rounding": "each cost part rounded down to a msat, the charge down to a sat",
                 "fees": "the mint's input fee (NUT-02) of your token is paid from your token",
+                "p2pk_pubkey": lock_pubkey,
+                "p2pk_min_lock_s": None if lock_pubkey is None else cfg.locked.min_lock_s,
             },
         }
     )

@@ -109,6 +109,19 @@ class Metrics:
             ["transport", "model"],
             registry=r,
         )
+        self.locked_payments = Counter(
+            "ecashbot_locked_payments",
+            "Payments locked to the bot (NUT-11): accepted with no mint call, or swapped "
+            "because the stock of small proofs could not make their change",
+            ["how"],
+            registry=r,
+        )
+        self.sweeps = Counter(
+            "ecashbot_locked_sweeps",
+            "Batch swaps of accepted locked proofs, by outcome (done|failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.refusals = Counter(
             "ecashbot_refused_requests",
             "Requests refused before any money moved, by error code "
@@ -191,6 +204,14 @@ class Metrics:
     def wasted(self, transport: str, model: str, tokens: int) -> None:
         """Count model tokens spent on an answer whose payment then failed (overlap)."""
         self.wasted_tokens.labels(transport, model).inc(tokens)
+
+    def locked_payment(self, how: str) -> None:
+        """Count a locked payment: ``accepted`` with no mint call, or ``swapped``."""
+        self.locked_payments.labels(how).inc()
+
+    def sweep(self, outcome: str) -> None:
+        """Count one batch swap of locked proofs (``done`` or ``failed``)."""
+        self.sweeps.labels(outcome).inc()
 
     def refused(self, transport: str, reason: str) -> None:
         """Count a request refused before money moved (``reason``: the error's code)."""

@@ -25,10 +25,12 @@ from nostr_sdk import (
     ClientBuilder,
     Event,
     EventBuilder,
+    EventId,
     Filter,
     Keys,
     Kind,
     Nip19Profile,
+    NostrSdkError,
     PublicKey,
     RelayOptions,
     RelayUrl,
@@ -59,6 +61,7 @@ KIND_SEAL = 13
 KIND_PRIVATE_MSG = 14
 KIND_GIFT_WRAP = 1059
 KIND_DM_RELAYS = 10050
+KIND_NUTZAP_INFO = 10019
 #: how long a question waits for the payment of the request we answered it with
 PENDING_QUESTION_TTL_S = 3600
 #: unpaid Lightning invoices one sender may have waiting at once
@@ -83,6 +86,15 @@ class IncomingDM:
     sender: str
     text: str
     scheme: str  # "nip17" | "nip04"
+
+
+def _reply_tags(event_id: str) -> list[Tag]:
+    """The ``e`` tag of a reply to the DM ``event_id``; none when it is not an event id
+    (a reply resent after a restart knows only its request)."""
+    try:
+        return [Tag.event(EventId.parse(event_id))]
+    except NostrSdkError:
+        return []
 
 
 def _unwrap(keys: Keys, event: Event) -> IncomingDM | None:
@@ -154,7 +166,7 @@ class NostrTransport:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, publish the profile and DM relay list, and start reading DMs."""
+        """Connect, publish the profile, DM relay list and NIP-61 lock key, read DMs."""
         uniffi_set_event_loop(asyncio.get_running_loop())
         client = (
             ClientBuilder()
@@ -223,8 +235,33 @@ class NostrTransport:
             .tags([Tag.parse(["relay", u]) for u in self.ncfg.relays])
             .finalize(self.keys)
         )
-        for ev in (profile, relays):
+        events = [profile, relays]
+        nutzap_info = self._nutzap_info()
+        if nutzap_info is not None:
+            events.append(nutzap_info)
+        for ev in events:
             await self._publish(ev, recipient="", carries_change=False)
+
+    def _nutzap_info(self) -> Event | None:
+        """NIP-61 kind 10019: our relays, mints and the P2PK key to lock tokens to.
+
+        The lock key is not the Nostr key (NIP-61 forbids that); None when the bot
+        accepts no locked tokens.
+        """
+        lock_pubkey = self.pipeline.lock_pubkey
+        if lock_pubkey is None:
+            return None
+        if lock_pubkey[2:].lower() == self.pubkey:
+            log.error("Nostr: the P2PK lock key is the Nostr key; not advertising it (NIP-61)")
+            return None
+        tags = [["relay", u] for u in self.ncfg.relays]
+        tags += [["mint", m, self.cfg.unit] for m in self.cfg.mints]
+        tags.append(["pubkey", lock_pubkey])
+        return (
+            EventBuilder(Kind(KIND_NUTZAP_INFO), "")
+            .tags([Tag.parse(t) for t in tags])
+            .finalize(self.keys)
+        )
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -606,12 +643,18 @@ class NostrTransport:
 
     async def _reply(self, dm: IncomingDM, text: str, *, carries_change: bool = False) -> None:
         receiver = PublicKey.parse(dm.sender)
+        # a reply names the question (an "e" tag): clients thread it, and two replies with
+        # the same text in the same second to two questions stay two messages (a NIP-17
+        # rumor's id covers its tags; clients drop a second rumor with the same id)
+        reply_to = _reply_tags(dm.event_id)
         if dm.scheme == "nip17":
-            event = await asyncio.to_thread(nip17_make_private_msg, self.keys, receiver, text)
+            event = await asyncio.to_thread(
+                nip17_make_private_msg, self.keys, receiver, text, None, reply_to
+            )
         else:
             event = (
                 EventBuilder(Kind(KIND_DM_NIP04), self.keys.nip04_encrypt(receiver, text))
-                .tags([Tag.public_key(receiver)])
+                .tags([Tag.public_key(receiver), *reply_to])
                 .finalize(self.keys)
             )
         await self._publish(event, recipient=dm.sender, carries_change=carries_change)

@@ -43,7 +43,7 @@ from bot.state import Reservation, State, StateUnavailable, UsageEvent
 from mint_client.errors import QuoteNotPaid, QuoteUsed, SwapPending
 from mint_client.lnwallet import IncomingQuote, LightningWallet, quote_key
 from mint_client.protocol import MintRegistry
-from mint_client.requests import PaymentRequest, Transport, encode_payment_request
+from mint_client.requests import P2PKLock, PaymentRequest, Transport, encode_payment_request
 from mint_client.store import InvoiceRecord, PaymentRecord
 from mint_client.tokens import Token, parse_token
 from mint_client.wallet import Incoming, token_hash
@@ -136,6 +136,8 @@ class Pickup:
 
 #: how long a redeemed token's claim is kept (replays are refused by the mint after that)
 TOKEN_CLAIM_TTL_S = 7 * 86400
+#: how long the claims of a locked token with no refund path are kept: for good (ten years)
+LOCKED_CLAIM_TTL_S = 10 * 365 * 86400
 #: how long a token's claim holds before its redeem is journalled: a crash in between
 #: (rare, milliseconds) must not lock the payer out of their own token for a week
 TOKEN_CLAIM_PENDING_TTL_S = 60
@@ -150,7 +152,8 @@ class _Prepared:
     incoming: Incoming | IncomingQuote
     quote: Quote
     transport: str
-    claim_key: str
+    #: replay claims: ``token:<hash>``, or ``y:<Y>`` per proof of a locked token
+    claim_keys: tuple[str, ...]
     reservation: Reservation | None
     reply_to: str | None
 
@@ -238,6 +241,12 @@ class Pipeline:
         #: unused invoices already checked at their mint (quote id -> when)
         self._invoice_checked: dict[str, float] = {}
 
+    @property
+    def lock_pubkey(self) -> str | None:
+        """The key payers may lock tokens to (NUT-11), advertised; None when not accepted."""
+        key = self.wallet.lock_key
+        return key.pubkey if key is not None and self.wallet.takes_locked else None
+
     # -- shared state: limits and budget, all before any money moves --------------------
 
     async def _take(self, bucket: str, capacity: int, per_s: float, amount: int) -> None:
@@ -283,7 +292,7 @@ class Pipeline:
         the budget is settled to that, and the statistics count it.
         """
         try:
-            await self.state.release(prep.claim_key)
+            await self.state.release_all(prep.claim_keys)
             if prep.reservation is not None:
                 await self.state.settle_budget(prep.reservation, wasted_tokens)
         except StateUnavailable:
@@ -413,7 +422,12 @@ class Pipeline:
     def payment_request(
         self, amount_sat: int, *, description: str, transports: Sequence[Transport] = ()
     ) -> str:
-        """A NUT-18 payment request for ``amount_sat`` at any of our mints."""
+        """A NUT-18 payment request for ``amount_sat`` at any of our mints.
+
+        When locked tokens are accepted, it asks for a lock to the bot's key (``nut10``):
+        such a payment is answered with no mint call.
+        """
+        lock_pubkey = self.lock_pubkey
         return encode_payment_request(
             PaymentRequest(
                 id=uuid.uuid4().hex[:16],
@@ -423,6 +437,7 @@ class Pipeline:
                 mints=tuple(self.cfg.mints),
                 description=description,
                 transports=tuple(transports),
+                lock=None if lock_pubkey is None else P2PKLock(lock_pubkey),
             )
         )
 
@@ -519,9 +534,9 @@ class Pipeline:
         llm_tokens = est_in + q.max_output_tokens
         await self._take(f"tok:{payer}", rl.tokens_capacity, rl.tokens_per_s, llm_tokens)
         reservation = await self._reserve_budget(model, llm_tokens)
-        claim_key = f"token:{incoming.token_hash}"
+        claim_keys = _claim_keys(incoming)
         try:
-            first = await self.state.claim(claim_key, TOKEN_CLAIM_PENDING_TTL_S)
+            first = await self.state.claim_all(claim_keys, TOKEN_CLAIM_PENDING_TTL_S)
         except StateUnavailable as exc:
             raise ServiceUnavailable("the bot's state store is down; nothing was charged") from exc
         if not first:
@@ -529,6 +544,8 @@ class Pipeline:
                 await self.state.settle_budget(reservation, 0)
             if isinstance(incoming, IncomingQuote):
                 raise QuoteUsed("this invoice was already used for an earlier question")
+            if _locked(incoming):
+                raise TokenSpent("this locked token (or a proof in it) was already paid to the bot")
             raise TokenSpent("this token was already spent on an earlier question")
         prep = _Prepared(
             request_id,
@@ -538,7 +555,7 @@ class Pipeline:
             incoming,
             q,
             transport,
-            claim_key,
+            claim_keys,
             reservation,
             reply_to,
         )
@@ -634,7 +651,12 @@ class Pipeline:
         """Paid invoices nobody used (or whose question a restart lost): refund them."""
         now = time.time()
         after = self.cfg.lightning.refund_unused_after_s
-        for inv in await self.wallet.store.invoices_in("open"):
+        open_invoices = await self.wallet.store.invoices_in("open")
+        # forget the invoices that are no longer open (expired, claimed, refunded)
+        live = {inv.quote_id for inv in open_invoices}
+        for quote_id in self._invoice_checked.keys() - live:
+            del self._invoice_checked[quote_id]
+        for inv in open_invoices:
             if inv.expiry is not None and inv.expiry <= now:
                 await self.wallet.store.set_invoice_status(inv.quote_id, "expired")
                 continue
@@ -673,9 +695,7 @@ class Pipeline:
         if self.cfg.fast_path.overlap:
             early = asyncio.create_task(self._generate(gen, gate, stream=prep.chat.stream))
         try:
-            await self.wallet.redeem(
-                prep.incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
-            )
+            await self._take_payment(prep)
         except BaseException as exc:
             wasted = await self._cancel_early(prep, early, gate)
             if isinstance(exc, PaymentError):
@@ -695,7 +715,7 @@ class Pipeline:
             return
         answer._redeemed.set_result(None)
         try:
-            await self.state.extend(prep.claim_key, TOKEN_CLAIM_TTL_S)
+            await self.state.extend_all(prep.claim_keys, self._claim_ttl(prep.incoming))
         except StateUnavailable:
             log.warning("payment %s: token claim not extended (state down)", prep.request_id)
         failpoints.hit("after_redeem")
@@ -757,6 +777,37 @@ class Pipeline:
             latency_s=time.monotonic() - started,
             ttft_s=None if gate.first_out_at is None else gate.first_out_at - started,
         )
+
+    async def _take_payment(self, prep: _Prepared) -> None:
+        """Redeem the payment: a locked token is taken with no mint call when it can be."""
+        incoming = _locked(prep.incoming)
+        if incoming is not None:
+            if await self.wallet.accept_locked(
+                incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
+            ):
+                self.metrics.locked_payment("accepted")
+                return
+            # the stock of small proofs can't make its change yet: swap it, as any token
+            self.metrics.locked_payment("swapped")
+            log.info("payment %s: locked token swapped (stock too small)", prep.request_id)
+        await self.wallet.redeem(
+            prep.incoming, prep.request_id, prep.transport, reply_to=prep.reply_to
+        )
+
+    @staticmethod
+    def _claim_ttl(incoming: Incoming | IncomingQuote) -> int:
+        """How long a redeemed payment's replay claim is kept.
+
+        A swapped token: a week (the mint refuses a replay anyway). A locked token's
+        proofs are never shown to the mint before the bot answers, so their claims last
+        until their refund path opens (and a week more), or for good when it never does.
+        """
+        locked = _locked(incoming)
+        if locked is None:
+            return TOKEN_CLAIM_TTL_S
+        if locked.locktime is None:
+            return LOCKED_CLAIM_TTL_S
+        return max(0, locked.locktime - int(time.time())) + TOKEN_CLAIM_TTL_S
 
     async def _account(
         self, prep: _Prepared, s: Settlement, usage: Usage | None, *, refunded: bool
@@ -827,6 +878,18 @@ class Pipeline:
         )
 
     # -- after a crash, and for payers who lost their change -----------------------------
+
+    async def reclaim_locked(self, since: float) -> int:
+        """Hold the replay claims of locked payments journalled since ``since`` for good.
+
+        Run at start-up: a crash between a locked payment's journal and the extension of
+        its claims (milliseconds) would leave them to lapse within a minute, and no mint
+        catches a locked token's replay. Returns how many payments it covered.
+        """
+        recs = await self.wallet.store.locked_payments_since(since)
+        for rec in recs:
+            await self.state.extend_all([_y_claim(y) for y in rec.input_ys], LOCKED_CLAIM_TTL_S)
+        return len(recs)
 
     def in_flight(self, request_id: str) -> bool:
         """Whether this process is still answering or settling ``request_id``."""
@@ -903,6 +966,28 @@ class Pipeline:
         """Wait for paid requests in flight to settle (at shutdown)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+
+def _locked(incoming: Incoming | IncomingQuote) -> Incoming | None:
+    """The payment, when it is a token locked to the bot (taken with no mint call)."""
+    return incoming if isinstance(incoming, Incoming) and incoming.locked else None
+
+
+def _y_claim(y: str) -> str:
+    """The replay claim of one proof of a locked token, by its Y."""
+    return f"y:{y}"
+
+
+def _claim_keys(incoming: Incoming | IncomingQuote) -> tuple[str, ...]:
+    """A payment's replay claims: ``token:<hash>``, or one per proof of a locked token.
+
+    A locked token never meets the mint before it is answered: the claim of each proof is
+    the only replay protection, and catches its proofs mixed into another token too.
+    """
+    locked = _locked(incoming)
+    if locked is not None:
+        return tuple(_y_claim(p.Y()) for p in locked.token.proofs)
+    return (f"token:{incoming.token_hash}",)
 
 
 def parse_token_or_none(text: str | None) -> str | None:

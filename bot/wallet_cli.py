@@ -5,6 +5,7 @@ transfer sets its ecash aside in one transaction, so the two never spend the sam
 
     ecashbot wallet balance
     ecashbot wallet send 500
+    ecashbot wallet receive cashuB...    # fund the stock change is made from
     ecashbot wallet withdraw --invoice lnbc...
     ecashbot wallet withdraw --lnaddress you@wallet.example --amount 5000
     ecashbot wallet history
@@ -46,7 +47,13 @@ async def open_wallet(cfg: Config) -> AsyncIterator[tuple[LightningWallet, aioht
         async with aiohttp.ClientSession() as session:
             mints = MintRegistry(session, cfg.mints, timeout_s=cfg.wallet.mint_timeout_s)
             yield (
-                LightningWallet(store, mints, load_or_create_seed(cfg.wallet.path), cfg.unit),
+                LightningWallet(
+                    store,
+                    mints,
+                    load_or_create_seed(cfg.wallet.path),
+                    cfg.unit,
+                    stock_sat=cfg.locked.stock_sat,
+                ),
                 session,
             )
     finally:
@@ -111,6 +118,24 @@ async def send(cfg: Config, amount_sat: int, mint: str | None, out: TextIO, err:
     return 0
 
 
+async def receive(cfg: Config, token: str, out: TextIO, err: TextIO) -> int:
+    """Take a token in as the bot's own money (the stock locked payments' change comes from)."""
+    from mint_client.errors import MintError, PaymentError
+    from mint_client.tokens import parse_token
+
+    async with open_wallet(cfg) as (wallet, _):
+        try:
+            rec = await wallet.receive(parse_token(token.strip()))
+        except (PaymentError, MintError) as exc:
+            err.write(f"ecashbot wallet receive: {exc}\n")
+            return 1
+    out.write(
+        f"received {rec.paid_sat} sat at {rec.mint} (mint fee {rec.fee_sat} sat): "
+        f"{rec.paid_sat - rec.fee_sat} sat held\n"
+    )
+    return 0
+
+
 async def withdraw(
     cfg: Config,
     *,
@@ -170,6 +195,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argp
     s = cmds.add_parser("send", help="print a cashuB token from the free balance")
     s.add_argument("amount", type=int, help="sat")
     s.add_argument("--mint", help="take it from this mint (default: the one holding most)")
+    r = cmds.add_parser("receive", help="take a cashu token in (funds the change stock)")
+    r.add_argument("token", help="a cashuA/cashuB token from a trusted mint")
     w = cmds.add_parser("withdraw", help="pay a Lightning invoice or address (NUT-05 melt)")
     to = w.add_mutually_exclusive_group(required=True)
     to.add_argument("--invoice", help="a bolt11 invoice with an amount")
@@ -191,6 +218,8 @@ async def run(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -
             err.write("ecashbot wallet send: the amount must be positive\n")
             return 2
         return await send(cfg, args.amount, args.mint, out, err)
+    if cmd == "receive":
+        return await receive(cfg, args.token, out, err)
     if cmd == "withdraw":
         if args.lnaddress and (args.amount is None or args.amount <= 0):
             err.write("ecashbot wallet withdraw: --lnaddress needs --amount (sat, positive)\n")

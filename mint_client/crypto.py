@@ -6,6 +6,7 @@ unlike the rest of nutshell). Keys and points travel as hex strings.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -153,6 +154,77 @@ def change_friendly_split(amount: int) -> list[int]:
         total += 1 << len(ladder)
         ladder.append(1 << (len(ladder)))
     return sorted(ladder + split_amount(amount - total))
+
+
+#: most outputs one stock refill asks the mint to sign
+MAX_REFILL_OUTPUTS = 400
+
+
+def stock_targets(target_sat: int) -> dict[int, int]:
+    """How many proofs of each small power of two a stock of ``target_sat`` should hold.
+
+    Denominations 1 .. target/8, each holding an equal share of the value: many 1s,
+    fewer large ones, since every payment's change reserves the small ones first.
+    """
+    if target_sat <= 0:
+        return {}
+    top = max(1, target_sat // 8)
+    denoms = [1 << i for i in range(top.bit_length())]
+    share = target_sat // len(denoms)
+    return {d: max(2, share // d) for d in denoms}
+
+
+def stock_split(value: int, held: list[int], target_sat: int) -> list[int]:
+    """Denominations summing to ``value`` that top the stock (``held`` amounts) up first.
+
+    The missing small proofs (see :func:`stock_targets`) are made one of each missing
+    denomination per pass, smallest first, while the value and the output budget last;
+    the rest is its binary decomposition.
+    """
+    if value < 0:
+        raise ValueError("value must be non-negative")
+    have: dict[int, int] = {}
+    for a in held:
+        have[a] = have.get(a, 0) + 1
+    missing = {d: want - have.get(d, 0) for d, want in stock_targets(target_sat).items()}
+    out: list[int] = []
+    left = value
+    added = True
+    while added:
+        added = False
+        for d in sorted(missing):
+            if missing[d] > 0 and d <= left and len(out) < MAX_REFILL_OUTPUTS:
+                out.append(d)
+                left -= d
+                missing[d] -= 1
+                added = True
+    return sorted(out + split_amount(left))
+
+
+def cover_counts(counts: dict[int, int], need: int) -> dict[int, int] | None:
+    """How many proofs of each amount to take so that every amount 0..``need`` can be paid.
+
+    ``counts``: amount -> proofs available. Each step takes the largest amount no bigger
+    than what is covered so far plus one (so every amount stays payable, and the count
+    stays near log2(need)); None when the proofs can't reach ``need``. Exact change is
+    then found by :func:`select_exact` (largest first), which never
+    fails on such a set.
+    """
+    taken: dict[int, int] = {}
+    if need <= 0:
+        return taken
+    amounts = sorted(a for a, n in counts.items() if a > 0 and n > 0)
+    covered = 0
+    while covered < need:
+        i = bisect.bisect_right(amounts, covered + 1) - 1
+        while i >= 0 and taken.get(amounts[i], 0) >= counts[amounts[i]]:
+            i -= 1
+        if i < 0:
+            return None
+        a = amounts[i]
+        taken[a] = taken.get(a, 0) + 1
+        covered += a
+    return taken
 
 
 def select_exact(amounts: list[int], target: int) -> list[int] | None:

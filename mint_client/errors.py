@@ -59,6 +59,13 @@ class InvalidDLEQ(TokenError):
     code = "invalid_dleq"
 
 
+class LockRefused(UnsupportedToken):
+    """A locked token (NUT-10/11) the bot can't take as it is: another key, a refund path
+    that opens too soon, a multisig, no DLEQ. Never sent anywhere: its owner keeps it."""
+
+    code = "locked_token"
+
+
 class TokenSpent(PaymentError):
     """The mint says (some of) the token's proofs are already spent."""
 

@@ -58,11 +58,10 @@ from mint_client.lightning import (
     invoice_amount_msat,
     valid_quote_id,
 )
-from mint_client.protocol import BlindSignature, MintRegistry, MintRejected
+from mint_client.protocol import BlindSignature, MintRejected
 from mint_client.store import (
     InvoiceRecord,
     PaymentRecord,
-    ProofStore,
     StoreError,
     TransferRecord,
 )
@@ -121,7 +120,7 @@ class Balance:
     free_sat: int
     #: payments in flight (their change is made from these)
     reserved_sat: int
-    #: set aside for transfers out in flight
+    #: set aside for transfers out in flight, or locked to the bot awaiting its sweep
     pending_sat: int
 
 
@@ -156,11 +155,6 @@ def select_inputs(
 
 class LightningWallet(Wallet):
     """The bot's wallet, with invoices as payments and the operator's transfers out."""
-
-    def __init__(self, store: ProofStore, mints: MintRegistry, seed: bytes, unit: str) -> None:
-        super().__init__(store, mints, seed, unit)
-        #: transfers this process is carrying out: recovery leaves them alone
-        self._transfers_in_flight: set[str] = set()
 
     def lightning(self, mint: str) -> LightningAPI:
         """NUT-04/05/17 at a trusted mint (:class:`UntrustedMint` for any other)."""
@@ -230,11 +224,12 @@ class LightningWallet(Wallet):
         payment_id: str,
         transport: str,
         reply_to: str | None = None,
+        amounts: list[int] | None = None,
     ) -> list[Proof]:
         """Redeem a token (NUT-03 swap) or mint a paid invoice (NUT-04); proofs reserved."""
         if isinstance(incoming, IncomingQuote):
             return await self._mint_in(incoming, payment_id, transport, reply_to)
-        return await super().redeem(incoming, payment_id, transport, reply_to)
+        return await super().redeem(incoming, payment_id, transport, reply_to, amounts)
 
     async def _mint_in(
         self, incoming: IncomingQuote, payment_id: str, transport: str, reply_to: str | None
@@ -377,10 +372,10 @@ class LightningWallet(Wallet):
                 keyset_id=keyset_id,
                 free_sat=s.get("held", 0),
                 reserved_sat=s.get("reserved", 0),
-                pending_sat=s.get("spending", 0),
+                pending_sat=s.get("spending", 0) + s.get("locked", 0),
             )
             for (mint, keyset_id), s in sorted(groups.items())
-            if s.get("held", 0) or s.get("reserved", 0) or s.get("spending", 0)
+            if s.get("held", 0) or s.get("reserved", 0) or s.get("spending", 0) or s.get("locked")
         ]
 
     async def free_sat(self, mint: str) -> int:
@@ -534,7 +529,9 @@ class LightningWallet(Wallet):
         proofs = await self._unblind(rec.mint, pairs)
         n_send = len(crypto.split_amount(rec.amount_sat))
         sent, kept = proofs[:n_send], proofs[n_send:]
-        token = encode_token(Token(mint=rec.mint, unit=self.unit, proofs=tuple(sent)))
+        token = (
+            encode_token(Token(mint=rec.mint, unit=self.unit, proofs=tuple(sent))) if sent else None
+        )
         return await self.store.finish_transfer(
             rec.id,
             inputs_state="spent",
@@ -544,6 +541,45 @@ class LightningWallet(Wallet):
             change_sat=sum(p.amount for p in kept),
             token=token,
         )
+
+    async def sweep(self, mint: str, *, max_inputs: int) -> TransferRecord | None:
+        """Swap locked proofs (payments taken with no mint call) into our own, in one batch.
+
+        The outputs top the stock of small proofs up first (change for later locked
+        payments comes from it). Recorded as a transfer of kind ``sweep`` (amount 0: the
+        inputs' fee is paid, the rest comes back held), so a lost answer is resolved like
+        any swap. None when nothing is locked at ``mint``.
+        """
+        if self.lock_key is None:
+            return None
+        locked = await self.store.locked_proofs(mint, self.unit, max_inputs)
+        if not locked:
+            return None
+        fees = await self._fees(mint)
+        fee = input_fee_sat([fees.get(p.keyset_id, 0) for p in locked])
+        value = sum(p.amount for p in locked) - fee
+        if value <= 0:
+            return None
+        keyset = await self.mints.active_keyset(mint, self.unit)
+        held = [p.amount for p in await self.store.held_proofs(mint, self.unit)]
+        amounts = crypto.stock_split(value, held, self.stock_sat)
+        start = await self.store.reserve_counters(keyset.id, len(amounts))
+        rec = dataclasses.replace(
+            self._transfer("sweep", mint, locked, fee_sat=fee, amount_sat=0),
+            keyset_id=keyset.id,
+            counter_start=start,
+            amounts=amounts,
+        )
+        await self.store.begin_transfer(rec)
+        done = await self._swap_send(rec, self._signed(locked))
+        log.info(
+            "sweep %s: %d locked proofs (%d sat) swapped, fee %d sat",
+            rec.id,
+            len(locked),
+            rec.input_sat,
+            fee,
+        )
+        return done
 
     async def pay_invoice(
         self,

@@ -11,9 +11,13 @@ Proof states:
   ``spending``  set aside for a transfer out in flight (``spent_by`` names it)
   ``spent``     spent by the mint in a transfer out (a melt, or the swap of a send)
   ``sent``      handed out by the operator in a token (``wallet send``); no longer ours
+  ``locked``    a payer's proof locked to the bot's key (NUT-11), taken with no mint call;
+                ours, swapped into ``held`` proofs by a later batch (a ``sweep`` transfer)
 
 A proof's ``payment_id`` is where it came from: the payment it was redeemed or minted
-for, or the transfer whose change it is. The record also keeps the Lightning invoices
+for, or the transfer whose change it is. ``for_payment`` is the payment it is reserved
+for or was issued to, when that is another one: change of a locked payment comes from
+the stock of ``held`` proofs. The record also keeps the Lightning invoices
 handed to payers (``invoices``) and every transfer out (``transfers``).
 """
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mint_client.crypto import cover_counts
 from mint_client.tokens import DLEQ, Proof
 
 T = TypeVar("T")
@@ -59,7 +64,8 @@ CREATE TABLE IF NOT EXISTS payments (
     delivered_at  REAL,
     pickups       INTEGER NOT NULL DEFAULT 0,
     updated_at    REAL NOT NULL,
-    answer        TEXT
+    answer        TEXT,
+    locked        INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS payments_token ON payments(token_hash);
 CREATE INDEX IF NOT EXISTS payments_status ON payments(status);
@@ -151,12 +157,16 @@ class PaymentRecord:
     #: the answer, kept from settlement until it is delivered: a crash in between loses
     #: neither the change nor what it paid for
     answer: str | None = None
+    #: paid with proofs locked to the bot (NUT-11), taken without a swap: they stay
+    #: ``locked`` (all of ``paid_sat``; the fee is paid when a sweep swaps them) and the
+    #: change comes from the stock
+    locked: bool = False
 
 
 _PAYMENT_COLUMNS = (
     "id, transport, mint, unit, token_hash, input_ys, paid_sat, fee_sat, keyset_id, "
     "counter_start, amounts, status, charged_sat, change_sat, change_token, reply_to, "
-    "created_at, delivered_at, pickups, answer"
+    "created_at, delivered_at, pickups, answer, locked"
 )
 
 
@@ -182,6 +192,7 @@ def _row_payment(row: Sequence[Any]) -> PaymentRecord:
         delivered_at=row[17],
         pickups=row[18],
         answer=row[19],
+        locked=bool(row[20]),
     )
 
 
@@ -190,8 +201,8 @@ def _insert_payment(db: sqlite3.Connection, rec: PaymentRecord, now: float) -> N
     db.execute(
         "INSERT INTO payments(id, created_at, transport, mint, unit, token_hash, "
         "input_ys, paid_sat, fee_sat, keyset_id, counter_start, amounts, status, "
-        "charged_sat, change_sat, change_token, reply_to, updated_at) "
-        "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "charged_sat, change_sat, change_token, reply_to, updated_at, locked) "
+        "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             rec.id,
             now,
@@ -211,6 +222,7 @@ def _insert_payment(db: sqlite3.Connection, rec: PaymentRecord, now: float) -> N
             rec.change_token,
             rec.reply_to,
             now,
+            int(rec.locked),
         ),
     )
 
@@ -226,6 +238,13 @@ class StoredProof:
     payment_id: str | None
     #: the transfer that spent (or is spending, or sent) the proof
     spent_by: str | None = None
+    #: the payment it is reserved for or was issued to, when not ``payment_id``
+    for_payment: str | None = None
+
+    @property
+    def given_to(self) -> str | None:
+        """The payment this proof is reserved for or was issued to (or came from)."""
+        return self.for_payment or self.payment_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +333,15 @@ class ProofStore:
         columns = {str(r[1]) for r in db.execute("PRAGMA table_info(payments)")}
         if "answer" not in columns:  # a journal from before answers were kept
             db.execute("ALTER TABLE payments ADD COLUMN answer TEXT")
+        if "locked" not in columns:  # a journal from before locked payments
+            db.execute("ALTER TABLE payments ADD COLUMN locked INTEGER NOT NULL DEFAULT 0")
         proof_columns = {str(r[1]) for r in db.execute("PRAGMA table_info(proofs)")}
         if "spent_by" not in proof_columns:  # a store from before transfers out
             db.execute("ALTER TABLE proofs ADD COLUMN spent_by TEXT")
+        if "for_payment" not in proof_columns:  # a store from before change from stock
+            db.execute("ALTER TABLE proofs ADD COLUMN for_payment TEXT")
         db.execute("CREATE INDEX IF NOT EXISTS proofs_spent_by ON proofs(spent_by)")
+        db.execute("CREATE INDEX IF NOT EXISTS proofs_for_payment ON proofs(for_payment)")
         self._db = db
 
     async def close(self) -> None:
@@ -445,25 +469,35 @@ class ProofStore:
 
         def tx(db: sqlite3.Connection) -> None:
             rows = db.execute(
-                "SELECT y, amount FROM proofs WHERE payment_id=? AND state='reserved'",
-                (payment_id,),
+                f"SELECT y, amount FROM proofs WHERE {_RESERVED_FOR}", (payment_id, payment_id)
             ).fetchall()
             reserved = {str(y): int(a) for y, a in rows}
             if any(y not in reserved for y in change_ys):
                 raise StoreError(f"payment {payment_id}: change proof not reserved for it")
             if sum(reserved[y] for y in change_ys) != change_sat:
                 raise StoreError(f"payment {payment_id}: change proofs don't sum to change")
-            kept = sum(reserved.values()) - change_sat
-            if kept != charged_sat:
+            pay = db.execute(
+                "SELECT locked, paid_sat, fee_sat FROM payments WHERE id=?", (payment_id,)
+            ).fetchone()
+            if pay is None:
+                raise StoreError(f"unknown payment {payment_id}")
+            if pay[0]:  # locked: the payment's value is its locked proofs, change is stock
+                if int(pay[1]) != charged_sat + change_sat + int(pay[2]):
+                    raise StoreError(
+                        f"payment {payment_id}: paid {pay[1]} != charged {charged_sat} + "
+                        f"change {change_sat} + fee {pay[2]}"
+                    )
+            elif sum(reserved.values()) - change_sat != charged_sat:
+                kept = sum(reserved.values()) - change_sat
                 raise StoreError(f"payment {payment_id}: kept {kept} != charged {charged_sat}")
             db.executemany(
-                "UPDATE proofs SET state='issued', updated_at=? WHERE y=?",
-                [(now, y) for y in change_ys],
+                "UPDATE proofs SET state='issued', for_payment=?, updated_at=? WHERE y=?",
+                [(payment_id, now, y) for y in change_ys],
             )
             db.execute(
-                "UPDATE proofs SET state='held', updated_at=? "
-                "WHERE payment_id=? AND state='reserved'",
-                (now, payment_id),
+                "UPDATE proofs SET state='held', for_payment=NULL, updated_at=? "
+                f"WHERE {_RESERVED_FOR}",
+                (now, payment_id, payment_id),
             )
             db.execute(
                 "UPDATE payments SET status=?, charged_sat=?, change_sat=?, change_token=?, "
@@ -491,6 +525,12 @@ class ProofStore:
         """A DM sender's payments since ``since`` (epoch s), newest first."""
         return await self._payments(
             "WHERE reply_to=? AND created_at>=? ORDER BY created_at DESC", (reply_to, since)
+        )
+
+    async def locked_payments_since(self, since: float) -> list[PaymentRecord]:
+        """Payments taken locked to the bot (not failed) since ``since`` (epoch s)."""
+        return await self._payments(
+            "WHERE locked=1 AND status!='failed' AND created_at>=? ORDER BY created_at", (since,)
         )
 
     async def all_payments(self) -> list[PaymentRecord]:
@@ -532,14 +572,79 @@ class ProofStore:
         await self._run(self._tx, tx)
 
     async def proofs_of(self, payment_id: str, state: str = "reserved") -> list[Proof]:
-        """The proofs of one payment in ``state``."""
+        """The proofs of one payment in ``state`` (``reserved``: stock reserved for it too)."""
+
+        def q() -> list[Proof]:
+            assert self._db is not None
+            cols = "SELECT amount, keyset_id, secret, c, dleq_e, dleq_s, dleq_r FROM proofs "
+            if state == "reserved":
+                rows = self._db.execute(
+                    f"{cols} WHERE {_RESERVED_FOR} ORDER BY amount", (payment_id, payment_id)
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"{cols} WHERE payment_id=? AND state=? ORDER BY amount", (payment_id, state)
+                ).fetchall()
+            return [_row_proof(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- locked payments (NUT-11) and the stock their change comes from ------------------
+
+    async def begin_locked_payment(self, rec: PaymentRecord, proofs: Sequence[Proof]) -> bool:
+        """Take a locked payment: its proofs (``locked``) and stock reserved for its change.
+
+        In one transaction: the payment (status ``redeemed``), its proofs, and ``held``
+        proofs of its mint from which every change amount up to ``paid - fee`` can be
+        made, reserved for it. False (and nothing written) when the stock can't cover
+        that. Raises :class:`StoreError` if a proof is already in the store (a replay).
+        """
+        need = rec.paid_sat - rec.fee_sat
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> bool:
+            counts = db.execute(
+                "SELECT amount, COUNT(*) FROM proofs WHERE state='held' AND mint=? AND unit=? "
+                "GROUP BY amount",
+                (rec.mint, rec.unit),
+            ).fetchall()
+            plan = cover_counts({int(a): int(n) for a, n in counts}, need)
+            if plan is None:
+                return False
+            chosen = [
+                str(y)
+                for a, n in plan.items()
+                for (y,) in db.execute(
+                    "SELECT y FROM proofs WHERE state='held' AND mint=? AND unit=? AND amount=? "
+                    "LIMIT ?",
+                    (rec.mint, rec.unit, a, n),
+                )
+            ]
+            marks = ",".join("?" * len(proofs))
+            seen = db.execute(
+                f"SELECT COUNT(*) FROM proofs WHERE y IN ({marks})", [p.Y() for p in proofs]
+            ).fetchone()[0]
+            if seen:
+                raise StoreError(f"payment {rec.id}: a locked proof was taken before")
+            _insert_payment(db, replace(rec, status="redeemed", locked=True), now)
+            _insert_proofs(db, rec.mint, rec.unit, proofs, "locked", rec.id, None, now)
+            db.executemany(
+                "UPDATE proofs SET state='reserved', for_payment=?, updated_at=? WHERE y=?",
+                [(rec.id, now, y) for y in chosen],
+            )
+            return True
+
+        return await self._run(self._tx, tx)
+
+    async def locked_proofs(self, mint: str, unit: str, limit: int) -> list[Proof]:
+        """Locked proofs waiting for a sweep at one mint, oldest first."""
 
         def q() -> list[Proof]:
             assert self._db is not None
             rows = self._db.execute(
                 "SELECT amount, keyset_id, secret, c, dleq_e, dleq_s, dleq_r FROM proofs "
-                "WHERE payment_id=? AND state=? ORDER BY amount",
-                (payment_id, state),
+                "WHERE state='locked' AND mint=? AND unit=? ORDER BY updated_at LIMIT ?",
+                (mint, unit, limit),
             ).fetchall()
             return [_row_proof(r) for r in rows]
 
@@ -564,7 +669,7 @@ class ProofStore:
             assert self._db is not None
             rows = self._db.execute(
                 "SELECT amount, keyset_id, secret, c, dleq_e, dleq_s, dleq_r, mint, unit, "
-                "state, payment_id, spent_by FROM proofs"
+                "state, payment_id, spent_by, for_payment FROM proofs"
             ).fetchall()
             return [
                 StoredProof(
@@ -574,6 +679,7 @@ class ProofStore:
                     state=r[9],
                     payment_id=r[10],
                     spent_by=r[11],
+                    for_payment=r[12],
                 )
                 for r in rows
             ]
@@ -668,16 +774,18 @@ class ProofStore:
         """Record a transfer out and set its inputs aside (``spending``), before any mint call.
 
         Raises :class:`StoreError` (and changes nothing) unless every input is still
-        ``held`` at the transfer's mint: concurrent transfers never share a proof.
+        ``held`` (``locked`` for a sweep) at the transfer's mint: concurrent transfers
+        never share a proof.
         """
         now = time.time()
+        from_state = _FREE_STATE.get(rec.kind, "held")
 
         def tx(db: sqlite3.Connection) -> None:
             marks = ",".join("?" * len(rec.input_ys))
             rows = db.execute(
-                f"SELECT y, amount FROM proofs WHERE y IN ({marks}) AND state='held' "
+                f"SELECT y, amount FROM proofs WHERE y IN ({marks}) AND state=? "
                 "AND mint=? AND unit=?",
-                (*rec.input_ys, rec.mint, rec.unit),
+                (*rec.input_ys, from_state, rec.mint, rec.unit),
             ).fetchall()
             if len(rows) != len(set(rec.input_ys)) or len(rows) != len(rec.input_ys):
                 raise StoreError(f"transfer {rec.id}: an input is no longer free")
@@ -762,10 +870,12 @@ class ProofStore:
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> None:
+            kind = db.execute("SELECT kind FROM transfers WHERE id=?", (transfer_id,)).fetchone()
+            free = _FREE_STATE.get(str(kind[0]) if kind else "", "held")
             db.execute(
-                "UPDATE proofs SET state='held', spent_by=NULL, updated_at=? "
+                "UPDATE proofs SET state=?, spent_by=NULL, updated_at=? "
                 "WHERE spent_by=? AND state='spending'",
-                (now, transfer_id),
+                (free, now, transfer_id),
             )
             db.execute(
                 "UPDATE transfers SET status='failed', updated_at=? "
@@ -810,6 +920,12 @@ class ProofStore:
             return {str(y): str(t) for y, t in rows}
 
         return await self._run(q)
+
+
+#: proofs reserved for a payment: its own (from its swap), or stock reserved for it
+_RESERVED_FOR = "state='reserved' AND (for_payment=? OR (for_payment IS NULL AND payment_id=?))"
+#: the state a transfer's inputs come from, and go back to if it fails, by kind
+_FREE_STATE = {"sweep": "locked"}
 
 
 def _row_proof(r: Sequence[Any]) -> Proof:

@@ -9,18 +9,19 @@ swap and no second fee, and concurrent payments never compete for the same proof
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
-import os
-import secrets
 import time
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mint_client import crypto
+from mint_client import crypto, keyfile
 from mint_client.errors import (
     InvalidDLEQ,
+    LockRefused,
     MintBusy,
     MintError,
     MintUnavailable,
@@ -29,8 +30,9 @@ from mint_client.errors import (
     UnknownKeyset,
     UnsupportedToken,
 )
+from mint_client.p2pk import Lock, LockKey, check_lock, parse_lock, witness
 from mint_client.protocol import BlindSignature, Keyset, MintRegistry, MintRejected
-from mint_client.store import PaymentRecord, ProofStore
+from mint_client.store import PaymentRecord, ProofStore, StoreError
 from mint_client.tokens import Proof, Token, encode_token, expand_keyset_ids
 from pricing import input_fee_sat
 
@@ -60,11 +62,24 @@ class Incoming:
     mint: str
     fee_sat: int
     token_hash: str
+    #: every proof is locked to the bot's key (NUT-11) with a valid DLEQ: it can be
+    #: taken with no mint call
+    locked: bool = False
+    #: the earliest ``locktime`` among locked proofs (their refund path opens then)
+    locktime: int | None = None
 
     @property
     def amount_sat(self) -> int:
         """Face value of the token."""
         return self.token.amount
+
+
+def _value(incoming: Incoming) -> int:
+    """What a payment is worth to the bot: its face value less the mint's fee (> 0)."""
+    value = incoming.amount_sat - incoming.fee_sat
+    if value <= 0:
+        raise UnsupportedToken("the token is worth no more than the mint's fee")
+    return value
 
 
 def token_hash(proofs: Sequence[Proof]) -> str:
@@ -74,23 +89,38 @@ def token_hash(proofs: Sequence[Proof]) -> str:
 
 def load_or_create_seed(path: Path) -> bytes:
     """The wallet's NUT-13 seed, kept in ``<path>/seed`` (created once, mode 0600)."""
-    path.mkdir(parents=True, exist_ok=True)
-    seed_file = path / "seed"
-    if not seed_file.exists():
-        fd = os.open(seed_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(64))
-    return bytes.fromhex(seed_file.read_text().strip())
+    return keyfile.load_or_create(path, "seed", 64)
 
 
 class Wallet:
     """The bot's wallet: redeems payments at trusted mints and makes their change."""
 
-    def __init__(self, store: ProofStore, mints: MintRegistry, seed: bytes, unit: str) -> None:
+    def __init__(
+        self,
+        store: ProofStore,
+        mints: MintRegistry,
+        seed: bytes,
+        unit: str,
+        lock_key: LockKey | None = None,
+        min_lock_s: int = 3600,
+        takes_locked: bool = True,
+        stock_sat: int = 4096,
+    ) -> None:
         self.store = store
         self.mints = mints
         self._seed = seed
         self.unit = unit
+        #: the key tokens may be locked to (NUT-11); None: locked tokens are refused
+        self.lock_key = lock_key
+        #: a lock's refund path must stay shut this long after the token arrives, seconds
+        self.min_lock_s = min_lock_s
+        #: take tokens locked to ``lock_key`` (False: the key only signs sweeps of those
+        #: taken before)
+        self.takes_locked = takes_locked and lock_key is not None
+        #: the small proofs kept for locked payments' change, sat (see crypto.stock_targets)
+        self.stock_sat = stock_sat
+        #: transfers out (and sweeps) this process is carrying out: recovery leaves them alone
+        self._transfers_in_flight: set[str] = set()
 
     async def inspect(self, token: Token) -> Incoming:
         """Every check short of spending: trusted mint, unit, keysets, fee, DLEQ.
@@ -104,6 +134,7 @@ class Wallet:
             raise UnsupportedToken("the token holds no proofs")
         if len({p.secret for p in token.proofs}) != len(token.proofs):
             raise UnsupportedToken("the token holds the same proof twice")
+        locks = self._locks(token.proofs)
         keysets = await self.mints.keysets(mint)
         try:
             token = expand_keyset_ids(token, [k.id for k in keysets])
@@ -111,10 +142,21 @@ class Wallet:
             keysets = await self.mints.keysets(mint, refresh=True)
             token = expand_keyset_ids(token, [k.id for k in keysets])
         by_id: dict[str, Keyset] = {k.id: k for k in keysets}
-        for p in token.proofs:
+        offline = all(lk is not None for lk in locks)
+        for p, lock in zip(token.proofs, locks, strict=True):
             ks = by_id[p.keyset_id]
             if ks.unit != self.unit:
                 raise UnsupportedToken(f"keyset {p.keyset_id} is for unit {ks.unit!r}")
+            if lock is not None and p.dleq is None:
+                if lock.locktime is not None:
+                    # its sender can take it back once the locktime passes: refused, theirs
+                    raise LockRefused(
+                        "a locked token must carry the mint's DLEQ proofs (NUT-12): without "
+                        "them the bot can't check it offline; send it again with DLEQ"
+                    )
+                # nobody but the bot can ever spend it: refusing would strand the money,
+                # so it is swapped at the mint (which checks it), like an unlocked token
+                offline = False
             if p.dleq is not None:
                 keys = await self.mints.keys(mint, p.keyset_id)
                 A = keys.get(p.amount)
@@ -123,7 +165,94 @@ class Wallet:
                 if not crypto.verify_proof_dleq(p, A):
                     raise InvalidDLEQ("a proof's DLEQ does not verify: not signed by this mint")
         fee = input_fee_sat([by_id[p.keyset_id].input_fee_ppk for p in token.proofs])
-        return Incoming(token=token, mint=mint, fee_sat=fee, token_hash=token_hash(token.proofs))
+        locktimes = [lk.locktime for lk in locks if lk is not None and lk.locktime is not None]
+        return Incoming(
+            token=token,
+            mint=mint,
+            fee_sat=fee,
+            token_hash=token_hash(token.proofs),
+            locked=offline,
+            locktime=min(locktimes) if locktimes else None,
+        )
+
+    def _locks(self, proofs: Sequence[Proof]) -> list[Lock | None]:
+        """Each proof's lock (None: a plain bearer proof); LockRefused for one we can't take."""
+        now = time.time()
+        if self.lock_key is None or not self.takes_locked:
+            if any(parse_lock(p.secret) is not None for p in proofs):
+                raise LockRefused("locked tokens are not accepted here; send an unlocked token")
+            return [None] * len(proofs)
+        key = self.lock_key.pubkey
+        return [check_lock(p.secret, key, now=now, min_lock_s=self.min_lock_s) for p in proofs]
+
+    def _signed(self, proofs: Sequence[Proof]) -> list[Proof]:
+        """The proofs, those locked to us with their NUT-11 witness (our signature)."""
+        out: list[Proof] = []
+        for p in proofs:
+            if self.lock_key is not None and parse_lock(p.secret) is not None:
+                p = dataclasses.replace(p, witness=witness(self.lock_key.sign(p.secret)))
+            out.append(p)
+        return out
+
+    async def accept_locked(
+        self,
+        incoming: Incoming,
+        payment_id: str,
+        transport: str,
+        reply_to: str | None = None,
+    ) -> bool:
+        """Take a locked payment with no mint call, if the stock can make its change.
+
+        The proofs are kept ``locked`` (a sweep swaps them later), and stock proofs from
+        which any change up to ``paid - fee`` can be made are reserved for the payment.
+        False when the stock is too small: the caller redeems (swaps) instead. Replay
+        protection is the caller's (the proofs' Ys claimed in the shared state); the store
+        refuses a proof it already holds, too.
+        """
+        if not incoming.locked:
+            raise MintError("accept_locked needs a token locked to the bot")
+        _value(incoming)
+        rec = self._record(
+            incoming, payment_id, transport, reply_to, status="redeemed", locked=True
+        )
+        try:
+            return await self.store.begin_locked_payment(rec, incoming.token.proofs)
+        except StoreError as exc:
+            raise TokenSpent("this locked token was already paid to the bot") from exc
+
+    def _record(
+        self,
+        incoming: Incoming,
+        payment_id: str,
+        transport: str,
+        reply_to: str | None,
+        *,
+        status: str,
+        keyset_id: str = "",
+        counter_start: int = 0,
+        amounts: Sequence[int] = (),
+        locked: bool = False,
+    ) -> PaymentRecord:
+        """The journal's first line of a payment by token (swapped or taken locked)."""
+        return PaymentRecord(
+            id=payment_id,
+            transport=transport,
+            mint=incoming.mint,
+            unit=self.unit,
+            token_hash=incoming.token_hash,
+            input_ys=[p.Y() for p in incoming.token.proofs],
+            paid_sat=incoming.amount_sat,
+            fee_sat=incoming.fee_sat,
+            keyset_id=keyset_id,
+            counter_start=counter_start,
+            amounts=list(amounts),
+            status=status,
+            charged_sat=None,
+            change_sat=None,
+            change_token=None,
+            reply_to=reply_to,
+            locked=locked,
+        )
 
     def _outputs(
         self, keyset_id: str, counter_start: int, amounts: Sequence[int]
@@ -145,51 +274,42 @@ class Wallet:
         payment_id: str,
         transport: str,
         reply_to: str | None = None,
+        amounts: list[int] | None = None,
     ) -> list[Proof]:
         """Swap the payment into our own proofs (one NUT-03 swap). Returns them, reserved.
+
+        ``amounts``: the outputs' denominations (default: change-friendly, see the module).
 
         The payment and the counters it uses are committed before the swap is sent. If
         the answer is lost, the inputs' state (NUT-07) and a restore (NUT-09) tell what
         happened; unresolved, the payment stays ``redeeming`` for recovery.
         """
         mint = incoming.mint
-        value = incoming.amount_sat - incoming.fee_sat
-        if value <= 0:
-            raise UnsupportedToken("the token is worth no more than the mint's fee")
+        value = _value(incoming)
         keyset = await self.mints.active_keyset(mint, self.unit)
-        amounts = crypto.change_friendly_split(value)
+        if amounts is None:
+            amounts = crypto.change_friendly_split(value)
+        elif sum(amounts) != value:
+            raise MintError(f"outputs of {sum(amounts)} sat for a payment worth {value}")
         start = await self.store.reserve_counters(keyset.id, len(amounts))
-        outputs = [
-            crypto.blind(
-                *crypto.derive_secret(self._seed, keyset.id, start + i), a, keyset.id, start + i
-            )
-            for i, a in enumerate(amounts)
-        ]
-        input_ys = [p.Y() for p in incoming.token.proofs]
-        await self.store.begin_payment(
-            PaymentRecord(
-                id=payment_id,
-                transport=transport,
-                mint=mint,
-                unit=self.unit,
-                token_hash=incoming.token_hash,
-                input_ys=input_ys,
-                paid_sat=incoming.amount_sat,
-                fee_sat=incoming.fee_sat,
-                keyset_id=keyset.id,
-                counter_start=start,
-                amounts=amounts,
-                status="redeeming",
-                charged_sat=None,
-                change_sat=None,
-                change_token=None,
-                reply_to=reply_to,
-            )
+        outputs = self._outputs(keyset.id, start, amounts)
+        rec = self._record(
+            incoming,
+            payment_id,
+            transport,
+            reply_to,
+            status="redeeming",
+            keyset_id=keyset.id,
+            counter_start=start,
+            amounts=amounts,
         )
+        input_ys = rec.input_ys
+        inputs = self._signed(incoming.token.proofs)
+        await self.store.begin_payment(rec)
         pairs: list[tuple[crypto.BlindedOutput, BlindSignature]] | None = None
         for attempt in range(SWAP_ATTEMPTS):
             try:
-                pairs = await self._swap(mint, incoming.token.proofs, outputs, retry=attempt > 0)
+                pairs = await self._swap(mint, inputs, outputs, retry=attempt > 0)
             except (TokenSpent, MintRejected):
                 await self.store.set_payment_status(payment_id, "failed")
                 raise
@@ -324,6 +444,29 @@ class Wallet:
             answer=answer,
         )
         return token
+
+    async def receive(self, token: Token, transport: str = "operator") -> PaymentRecord:
+        """Take a token in as the bot's own money: the operator funding the change stock.
+
+        Redeemed like a payment (one swap into change-friendly proofs) and kept whole, so
+        the audit counts it as income: ``charged = paid - fee``, no change.
+        """
+        incoming = await self.inspect(token)
+        payment_id = f"fund-{uuid.uuid4().hex}"
+        value = incoming.amount_sat - incoming.fee_sat
+        held = [p.amount for p in await self.store.held_proofs(incoming.mint, self.unit)]
+        # the stock's missing small proofs first (so concurrent locked payments find
+        # change of few proofs), the rest in large ones
+        await self.redeem(
+            incoming,
+            payment_id,
+            transport,
+            amounts=crypto.stock_split(value, held, self.stock_sat),
+        )
+        await self.settle(payment_id, charged_sat=value, change_sat=0)
+        rec = await self.store.payment(payment_id)
+        assert rec is not None
+        return rec
 
     async def recover(self, *, busy: Collection[str], min_age_s: float) -> RecoveryReport:
         """Finish or undo payments a crash (or a lost mint answer) left half done.

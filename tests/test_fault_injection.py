@@ -6,6 +6,10 @@
 * the mint is restarted twice;
 * the Gemini emulator fails 10% of the calls.
 
+A quarter of the HTTP questions are paid with tokens locked to the bot (NUT-11), taken
+with no mint call, their change made from a stock the operator funded first, and swept
+every two seconds: the sweeps are killed and the mint restarted under them too.
+
 Every user behaves as a real client would: on a lost connection it asks for its change
 again (``POST /v1/change`` or ``/change``), on "token untouched" or a token never redeemed
 it pays again later. After the run and a restart, ``ecashbot audit`` finds no difference,
@@ -36,7 +40,9 @@ from nostr_sdk import Keys
 from bot.audit import audit
 from bot.config import load_config
 from bot.llm.emulator import Emulator, start_emulator
+from bot.wallet_cli import open_wallet
 from mint_client.crypto import hash_to_curve_hex
+from mint_client.p2pk import LockKey
 from mint_client.protocol import MintAPI
 from mint_client.tokens import Token, encode_token, parse_token
 from pricing import input_fee_sat
@@ -56,13 +62,18 @@ DM_PER_USER = 5
 PAID_SAT = 100
 MINT_FEE_PPK = 100
 MIN_CRASHES = 15
-#: probability of a crash at each failpoint, per paid request
-FAILPOINT_P = 0.025
+#: a crash at every FAILPOINT_EVERY-th pass of each failpoint, counted across restarts
+#: (each point is passed about 300 times: some 7 crashes at each, for certain)
+FAILPOINT_EVERY = 40
 #: seconds between outside SIGKILLs (uniform)
 KILL_EVERY_S = (3.0, 8.0)
 HTTP_CONCURRENCY = 6
 #: one question may take this long, crashes and recoveries included
 QUESTION_TIMEOUT_S = 150.0
+#: every LOCKED_EVERY-th HTTP question pays with a token locked to the bot
+LOCKED_EVERY = 4
+#: the operator's funding of the change stock, sat
+STOCK_FUND_SAT = 3000
 
 ANSWER = re.compile(r"Emulated answer to: question (\d+):")
 REFUND = re.compile(r"your (\d+) sat come back")
@@ -356,6 +367,7 @@ async def test_no_sat_is_lost_under_crashes_mint_restarts_and_model_failures(
             "recovery_interval_s": 1,
             "recovery_min_age_s": 2,
         },
+        "locked": {"sweep_interval_s": 2, "sweep_max_inputs": 8},
         "http": {"port": port},
         # dear enough that every answer costs whole sats
         "models": {
@@ -388,12 +400,26 @@ async def test_no_sat_is_lost_under_crashes_mint_restarts_and_model_failures(
         "log_level": "INFO",
     }
     failpoints = ",".join(
-        f"{p}={FAILPOINT_P}" for p in ("after_redeem", "after_answer", "after_settle")
+        f"{p}=every:{FAILPOINT_EVERY}" for p in ("after_redeem", "after_answer", "after_settle")
     )
-    bot = BotProcess(tmp_path / "bot", config, env={"ECASHBOT_FAILPOINTS": failpoints})
+    counts = tmp_path / "failpoint-counts"
+    counts.mkdir()
+    bot = BotProcess(
+        tmp_path / "bot",
+        config,
+        env={"ECASHBOT_FAILPOINTS": failpoints, "ECASHBOT_FAILPOINTS_COUNTS": str(counts)},
+    )
 
     payer = await UserWallet.create(mint.url, tmp_path / "payer")
     tokens = await payer.send_tokens(PAID_SAT, N_HTTP + N_DM_USERS * DM_PER_USER)
+    # the bot's lock key (made now, as the bot would at start) and the operator's funding
+    lock_key = LockKey.load_or_create(wallet_dir)
+    locked = range(0, N_HTTP, LOCKED_EVERY)
+    await payer.fund(STOCK_FUND_SAT + PAID_SAT * len(locked) + 500)
+    for i in locked:
+        tokens[i] = await payer.send_locked(PAID_SAT, lock_key.pubkey)
+    async with open_wallet(load_config(None, **config)) as (bot_wallet, _):
+        funding = await bot_wallet.receive(parse_token(await payer.send_token(STOCK_FUND_SAT)))
     outcomes: list[Outcome] = []
     mint_restarts = 0
 
@@ -489,16 +515,26 @@ async def test_no_sat_is_lost_under_crashes_mint_restarts_and_model_failures(
     returned = [t for o in outcomes for t in o.tokens]
     assert len(set(returned)) == len(returned), "a token was given to two questions"
     redeemed = [o for o in outcomes if o.kind != "untouched"]
-    assert report.received_sat == PAID_SAT * len(redeemed), report.table()
-    assert report.kept_sat == sum(o.charged for o in redeemed), report.table()
+    fund, fund_fee = funding.paid_sat, funding.fee_sat
+    assert report.received_sat == PAID_SAT * len(redeemed) + fund, report.table()
+    kept = sum(o.charged for o in redeemed) + fund - fund_fee
+    assert report.kept_sat == kept, report.table()
     assert report.change_sat == sum(parse_token(t).amount for t in returned), report.table()
-    assert report.fee_sat == sum(o.fee for o in redeemed), report.table()
+    assert report.fee_sat == sum(o.fee for o in redeemed) + fund_fee, report.table()
+    # locked tokens were really taken with no mint call, and swept in batches since
+    assert report.locked_in_sat >= PAID_SAT * len(locked) // 2, report.table()
+    assert report.sweeps > 0, report.table()
 
     # every token given back redeems
     proofs = [p for t in returned for p in parse_token(t).proofs]
     receiver = await UserWallet.create(mint.url, tmp_path / "receiver")
-    for k in range(0, len(proofs), 100):
-        chunk = tuple(proofs[k : k + 100])
+    chunks = [tuple(proofs[k : k + 100]) for k in range(0, len(proofs), 100)]
+    # a last chunk of a proof or two of 1 sat is worth no more than its mint fee (nutshell
+    # then has nothing to sign and fails): it goes with the chunk before
+    last = chunks[-1]
+    if len(chunks) > 1 and sum(p.amount for p in last) <= input_fee_sat([MINT_FEE_PPK] * len(last)):
+        chunks[-2:] = [chunks[-2] + last]
+    for chunk in chunks:
         got = await receiver.receive(encode_token(Token(mint=mint.url, unit="sat", proofs=chunk)))
         fee = input_fee_sat([MINT_FEE_PPK] * len(chunk))
         assert got == sum(p.amount for p in chunk) - fee

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from bot.daemon import Daemon
-from bot.llm.emulator import Emulator, start_emulator
+from bot.llm.emulator import Emulator
 from mint_client.requests import decode_payment_request
 from mint_client.tokens import encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
@@ -27,16 +28,6 @@ from tests.support.ports import free_port
 from tests.support.user_wallet import UserWallet
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="session")
-async def emulator() -> AsyncIterator[tuple[Emulator, str]]:
-    emu = Emulator()
-    running = await start_emulator(emu)
-    try:
-        yield emu, running.url
-    finally:
-        await running.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -403,3 +394,23 @@ async def test_models_and_health(running_bot: Daemon, mint: MintProcess) -> None
     assert ids["gemini-2.5-flash"]["pricing"]["output_per_1k_tokens"] == 2500
     assert models["payment"]["mints"] == [mint.url]
     assert models["payment"]["unit"] == "sat"
+    assert models["object"] == "list" and all(m["object"] == "model" for m in models["data"])
+    # where a wallet finds the key to lock its token to (NUT-11)
+    lock_key = models["payment"]["p2pk_pubkey"]
+    assert re.fullmatch(r"0[23][0-9a-f]{64}", lock_key)
+    assert lock_key == running_bot.pipeline.lock_pubkey
+    assert models["payment"]["p2pk_min_lock_s"] == running_bot.cfg.locked.min_lock_s
+
+
+async def test_models_name_no_lock_key_when_locked_tokens_are_off(
+    mint: MintProcess, emulator: tuple[Emulator, str], tmp_path: Path
+) -> None:
+    cfg = bot_config(tmp_path / "bot", [mint.url], emulator[1], locked={"enabled": False})
+    async with (
+        bot(cfg) as daemon,
+        aiohttp.ClientSession() as s,
+        s.get(f"{daemon.http_url}/v1/models") as r,
+    ):
+        payment = (await r.json())["payment"]
+    assert payment["p2pk_pubkey"] is None and payment["p2pk_min_lock_s"] is None
+    assert payment["mints"] == [mint.url]

@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 import bolt11
 import pytest
-import pytest_asyncio
 import yaml
 from aiohttp import web
 from nostr_sdk import Keys
@@ -37,7 +36,6 @@ from bot.audit import audit
 from bot.config import Config
 from bot.daemon import Daemon, recover_once
 from bot.dm import parse_dm
-from bot.llm.emulator import Emulator, start_emulator
 from bot.lnurl import LnurlError, address_url, fetch_invoice
 from mint_client.lightning import blank_outputs
 from mint_client.lnwallet import select_inputs
@@ -62,15 +60,6 @@ DEAR = {
         "request_msat": 150_000,
     }
 }
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
-    try:
-        yield running.url
-    finally:
-        await running.stop()
 
 
 # -- helpers: mints with other FakeWallet settings, invoices, an LNURL-pay server ---------

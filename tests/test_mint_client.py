@@ -7,12 +7,12 @@ import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest_asyncio
+import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.llm.emulator import Emulator, start_emulator
+from bot.llm.emulator import Emulator
 from mint_client.crypto import change_friendly_split, derive_secret, select_exact, split_amount
 from mint_client.tokens import DLEQ, encode_token, parse_token
 from tests.bot_harness import ask, bot, bot_config
@@ -50,13 +50,10 @@ def test_nut13_hmac_derivation_is_deterministic() -> None:
     assert legacy != a and len(legacy[1]) == 32
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator())
-    try:
-        yield running.url
-    finally:
-        await running.stop()
+@pytest.fixture
+def emulator_url(emulator: tuple[Emulator, str]) -> str:
+    """These tests run against the emulator at its default pace, not the instant one."""
+    return emulator[1]
 
 
 async def test_a_forged_dleq_is_refused_and_the_token_kept(

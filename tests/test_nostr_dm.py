@@ -9,17 +9,16 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from nostr_sdk import Keys
+from nostr_sdk import Filter, Keys, Kind, ReqTarget
 
 from bot.config import Config
 from bot.daemon import Daemon
 from bot.dm import payload_json
-from bot.llm.emulator import Emulator, start_emulator
 from mint_client.requests import PaymentPayload, decode_payment_request
 from mint_client.tokens import encode_token, parse_token
 from tests.bot_harness import bot, bot_config
@@ -31,15 +30,6 @@ from tests.support.user_wallet import UserWallet
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 RECEIPT = re.compile(r"charged (\d+) sat, mint fee (\d+) sat, change (\d+) sat")
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
-    try:
-        yield running.url
-    finally:
-        await running.stop()
 
 
 def nostr_config(
@@ -108,9 +98,13 @@ async def test_nip17_dm_with_a_cashub_token_gets_answer_and_change(
     token = await wallet.send_token(300, version=4)
     cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [relay], bot_keys)
     async with nostr_bot(cfg) as daemon, await NostrUser.create([relay]) as alice:
-        await alice.send_nip17(bot_keys.public_key().to_hex(), f"Why is the sky blue?\n{token}")
+        sent = await alice.send_nip17(
+            bot_keys.public_key().to_hex(), f"Why is the sky blue?\n{token}"
+        )
         answer, change = await answer_and_change(alice)
         assert all(dm.scheme == "nip17" for dm in alice.received)
+        # the answer and the change reply to the question: clients thread them
+        assert all(("e", sent.event_id) in dm.tags for dm in alice.received), alice.received
         charged, _, change_sat = accounted(answer, change, 300)
         assert await wallet.token_state(token) == "spent"
         receiver = await UserWallet.create(mint.url, tmp_path / "r")
@@ -129,9 +123,10 @@ async def test_nip04_with_cashua_and_a_nut18_payload(
     async with nostr_bot(cfg), await NostrUser.create([local_relay.url]) as alice:
         # NIP-04 with an old cashuA token: answered over NIP-04
         token_a = await wallet.send_token(200, version=3)
-        await alice.send_nip04(bot_hex, f"{token_a} what is ecash?")
+        sent = await alice.send_nip04(bot_hex, f"{token_a} what is ecash?")
         answer, change = await answer_and_change(alice)
         assert {dm.scheme for dm in alice.received} == {"nip04"}
+        assert all(("e", sent.event_id) in dm.tags for dm in alice.received), alice.received
         accounted(answer, change, 200)
         assert await wallet.token_state(token_a) == "spent"
 
@@ -350,3 +345,65 @@ async def test_a_long_answer_comes_in_numbered_parts(
         answer = "".join(parts[str(i)] for i in range(1, len(parts) + 1))
         assert len(answer.encode()) > 40_000
         accounted(answer, change[0], 300)
+
+
+@pytest.mark.parametrize("locked", [True, False])
+async def test_the_lock_key_is_published_as_a_nip61_kind_10019(
+    locked: bool, local_relay: LocalRelay, mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    """A wallet finds the bot's mints and P2PK key on its relays, signed by its Nostr key."""
+    bot_keys = Keys.generate()
+    cfg = nostr_config(
+        tmp_path / "bot",
+        mint,
+        emulator_url,
+        [local_relay.url],
+        bot_keys,
+        locked={"enabled": locked},
+    )
+    async with nostr_bot(cfg) as daemon, await NostrUser.create([local_relay.url]) as alice:
+        events = await alice.client.fetch_events(
+            ReqTarget.auto([Filter().kind(Kind(10019)).author(bot_keys.public_key())]),
+            timeout=timedelta(seconds=3),
+        )
+        lock_key = daemon.pipeline.lock_pubkey
+    if not locked:
+        assert lock_key is None and events == []
+        return
+    assert lock_key is not None
+    [event] = events
+    assert event.verify()
+    assert event.author().to_hex() == bot_keys.public_key().to_hex()
+    assert event.content() == ""
+    tags = [tag.to_vec() for tag in event.tags()]
+    assert tags == [
+        ["relay", local_relay.url],
+        ["mint", mint.url, "sat"],
+        ["pubkey", lock_key],
+    ]
+    # NIP-61: the lock key must not be the Nostr key
+    assert re.fullmatch(r"0[23][0-9a-f]{64}", lock_key)
+    assert lock_key[2:] != bot_keys.public_key().to_hex()
+
+
+async def test_a_dm_paid_with_a_token_locked_to_the_bot_is_answered_with_no_mint_call(
+    local_relay: LocalRelay, mint: MintProcess, emulator_url: str, tmp_path: Path
+) -> None:
+    bot_keys = Keys.generate()
+    wallet = await UserWallet.create(mint.url, tmp_path / "wallet")
+    await wallet.fund(1500)
+    cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [local_relay.url], bot_keys)
+    async with nostr_bot(cfg) as daemon, await NostrUser.create([local_relay.url]) as alice:
+        key = daemon.pipeline.lock_pubkey
+        assert key is not None
+        await daemon.wallet.receive(parse_token(await wallet.send_token(800)))
+        token = await wallet.send_locked(300, key)
+        await alice.send_nip17(bot_keys.public_key().to_hex(), f"Why is the sky blue?\n{token}")
+        answer, change = await answer_and_change(alice)
+        _, _, change_sat = accounted(answer, change, 300)
+        # taken offline: the mint has not seen the locked proofs; the change is stock
+        assert await wallet.token_state(token) == "unspent"
+        assert daemon.pipeline.metrics.locked_payments.labels("accepted")._value.get() == 1
+        receiver = await UserWallet.create(mint.url, tmp_path / "r")
+        assert await receiver.receive(change) == change_sat
+        assert (await daemon.wallet.store.balances("locked")) == {mint.url: 300}

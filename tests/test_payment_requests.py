@@ -207,6 +207,47 @@ def test_our_defaults_and_what_the_bot_sends() -> None:
     assert decode_payment_request("creqAoA") == PaymentRequest(unit=None)
 
 
+LOCK_KEY = "03" + "ab" * 32
+
+
+def test_a_request_locked_to_the_bots_key() -> None:
+    """What the bot sends when it accepts locked tokens: ``nut10`` with its key, no tags."""
+    req = PaymentRequest(
+        id="abc",
+        amount=21,
+        single_use=True,
+        mints=("https://mint.example",),
+        transports=(Transport(NOSTR, NPROFILE, (("n", "17"),)),),
+        lock=P2PKLock(LOCK_KEY),
+    )
+    creq = encode_payment_request(req)
+    assert cbor_of(creq) == {
+        "i": "abc",
+        "a": 21,
+        "u": "sat",
+        "s": True,
+        "m": ["https://mint.example"],
+        "t": [{"t": "nostr", "a": NPROFILE, "g": [["n", "17"]]}],
+        "nut10": {"k": "P2PK", "d": LOCK_KEY},
+    }
+    assert decode_payment_request(creq) == req
+    theirs = nut18().deserialize(creq)
+    assert (theirs.nut10.k, theirs.nut10.d, theirs.nut10.t) == ("P2PK", LOCK_KEY, None)
+    assert decode_payment_request(nut18().serialize(theirs)) == req
+
+
+def test_lock_tags_are_lists_of_strings() -> None:
+    tags = (("sigflag", "SIG_INPUTS"), ("pubkeys", "02" + "cd" * 32, "03" + "ef" * 32))
+    req = PaymentRequest(amount=5, lock=P2PKLock(LOCK_KEY.upper(), tags))
+    obj = cbor_of(encode_payment_request(req))
+    assert isinstance(obj, dict)
+    assert obj["nut10"] == {"k": "P2PK", "d": LOCK_KEY.upper(), "t": [list(t) for t in tags]}
+    theirs = nut18().deserialize(encode_payment_request(req))
+    assert theirs.nut10.t == [list(t) for t in tags]
+    # the key is read back in lower case, as locks compare it
+    assert decode_payment_request(encode_payment_request(req)).lock == P2PKLock(LOCK_KEY, tags)
+
+
 def creq(obj: object) -> str:
     return "creqA" + base64.urlsafe_b64encode(cbor2.dumps(obj)).decode().rstrip("=")
 

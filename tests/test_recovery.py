@@ -11,13 +11,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 import yaml
 from aiohttp import web
 
@@ -33,15 +31,6 @@ from tests.support.ports import free_port, wait_http
 from tests.support.user_wallet import UserWallet
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
-    try:
-        yield running.url
-    finally:
-        await running.stop()
 
 
 async def pick_up(url: str, **how: str) -> tuple[int, dict[str, Any]]:

@@ -239,6 +239,42 @@ async def test_a_released_claim_can_be_claimed_again(backend: Backend) -> None:
     await state.release("token:never-claimed")  # harmless
 
 
+async def test_a_set_of_keys_is_claimed_all_or_nothing(backend: Backend) -> None:
+    state = backend.open()
+    assert await state.claim_all(["y:a", "y:b", "y:c"], 60)
+    # any overlap with a held claim takes nothing: "y:d" stays free
+    assert not await state.claim_all(["y:d", "y:b"], 60)
+    assert await state.claim("y:d", 60)
+    assert not await state.claim("y:a", 60)
+    assert await state.claim_all([], 60)
+
+
+async def test_concurrent_overlapping_claims_of_key_sets_have_one_winner(
+    backend: Backend,
+) -> None:
+    peers = backend.peers()
+    # 50 re-mixes of the same proofs: each set shares "y:shared" with every other
+    results = await asyncio.gather(
+        *(peers[i % len(peers)].claim_all([f"y:own{i}", "y:shared"], 60) for i in range(50))
+    )
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert not await peers[0].claim(f"y:own{winner}", 60)
+    loser = (winner + 1) % 50
+    assert await peers[0].claim(f"y:own{loser}", 60)  # a loser took nothing
+
+
+async def test_key_sets_are_extended_and_released_together(backend: Backend) -> None:
+    state = backend.open()
+    assert await state.claim_all(["y:e", "y:f"], 1)
+    await state.extend_all(["y:e", "y:f"], 60)
+    await backend.sleep(1.1)
+    assert not await state.claim_all(["y:e"], 1)
+    assert not await state.claim_all(["y:f"], 1)
+    await state.release_all(["y:e", "y:f"])
+    assert await state.claim_all(["y:e", "y:f"], 60)
+
+
 async def test_claims_survive_reopening(backend: Backend) -> None:
     state = backend.open()
     assert await state.claim("nostr:gift-wrap", 2 * 86400)

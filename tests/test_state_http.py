@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from bot.llm.emulator import Emulator, start_emulator
 from tests.bot_harness import ask, bot, bot_config
 from tests.support.mint import MintProcess
 from tests.support.redis_server import RedisServer
@@ -29,15 +28,6 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
-    try:
-        yield running.url
-    finally:
-        await running.stop()
 
 
 async def test_100_concurrent_requests_against_a_bucket_of_10(

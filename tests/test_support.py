@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -175,3 +177,163 @@ async def test_start_failure_raises_with_the_log(tmp_path: Any) -> None:
         with pytest.raises(MintStartError, match=r"(?i)address already in use"):
             await process.start()
     assert not process.running
+
+
+# --- P2PK-locked tokens (NUT-11) with DLEQ (NUT-12) -------------------------------------
+
+
+def token_proofs(token: str) -> list[dict[str, Any]]:
+    return [proof for t in v4_body(token)["t"] for proof in t["p"]]
+
+
+def locked_secrets(token: str) -> list[dict[str, Any]]:
+    """The NUT-10 secret data of every proof of a V4 token; asserts they are P2PK."""
+    secrets = []
+    for proof in token_proofs(token):
+        kind, data = json.loads(proof["s"])
+        assert kind == "P2PK"
+        secrets.append(data)
+    return secrets
+
+
+async def test_p2pk_token_only_the_key_holder_can_receive(
+    mint: MintProcess, user_wallet: UserWalletFactory
+) -> None:
+    alice, bob = await user_wallet(mint), await user_wallet(mint)
+    key_a, key_b = await alice.lock_pubkey(), await bob.lock_pubkey()
+    assert key_a != key_b  # a key per wallet
+    assert all(len(k) == 66 and k[:2] in ("02", "03") for k in (key_a, key_b))
+    assert await alice.lock_pubkey() == key_a  # stable
+    await alice.fund(1000)
+
+    token = await alice.send_locked(300, key_b)
+    assert token_amount(token) == 300
+    proofs = token_proofs(token)
+    assert sorted(p["a"] for p in proofs) == [4, 8, 32, 256]
+    secrets = locked_secrets(token)
+    for secret in secrets:
+        assert list(secret) == ["data", "nonce", "tags"]
+        assert secret["data"] == key_b
+        assert secret["tags"] == [["sigflag", "SIG_INPUTS"]]  # nutshell always adds it
+    assert len({s["nonce"] for s in secrets}) == len(secrets)  # a nonce per proof
+    assert all(set(p["d"]) == {"e", "s", "r"} for p in proofs)  # DLEQ
+    assert all("w" not in p for p in proofs)  # no witness in the token
+    assert await alice.balance() == 700
+
+    with pytest.raises(Exception, match=r"(?i)signature|witness") as refused:
+        await alice.receive(token)  # the sender holds no key of the lock
+    assert not isinstance(refused.value, TokenAlreadySpent)
+    assert await alice.token_state(token) == "unspent"
+    assert await alice.balance() == 700
+
+    assert await bob.receive(token) == 300
+    assert await bob.token_state(token) == "spent"
+
+    no_dleq = await alice.send_locked(21, key_b, include_dleq=False)
+    assert all("d" not in p for p in token_proofs(no_dleq))
+    assert all(s["data"] == key_b for s in locked_secrets(no_dleq))
+    assert await bob.receive(no_dleq) == 21
+    assert (await alice.balance(), await bob.balance()) == (1000 - 321, 321)
+
+    v3 = await alice.send_locked(5, key_b, version=3)
+    (entry,) = v3_body(v3)["token"]
+    assert all(json.loads(p["secret"])[1]["data"] == key_b for p in entry["proofs"])
+    assert all("dleq" in p and "witness" not in p for p in entry["proofs"])
+    assert await bob.receive(v3) == 5
+    assert (await alice.balance(), await bob.balance()) == (1000 - 326, 326)
+
+
+async def test_p2pk_token_stays_exact_at_a_fee_mint(
+    fee_mint: MintProcess, user_wallet: UserWalletFactory
+) -> None:
+    alice, bob = await user_wallet(fee_mint), await user_wallet(fee_mint)
+    await alice.fund(1024, split=[1024])
+    token = await alice.send_locked(500, await bob.lock_pubkey())
+    assert token_amount(token) == 500
+    assert await alice.balance() == 1024 - 500 - fee_sat(1, 100)  # alice paid the swap
+    n_proofs = len(token_proofs(token))
+    assert await bob.receive(token) == 500 - fee_sat(n_proofs, 100)
+
+
+async def test_p2pk_refund_key_takes_the_token_back_after_the_locktime(
+    mint: MintProcess, user_wallet: UserWalletFactory
+) -> None:
+    alice, bob = await user_wallet(mint), await user_wallet(mint)
+    key_a, key_b = await alice.lock_pubkey(), await bob.lock_pubkey()
+    await alice.fund(100)
+
+    # Before the locktime the refund key is not enough.
+    later = await alice.send_locked(10, key_b, locktime_s=3600, refund_pubkeys=[key_a])
+    with pytest.raises(Exception, match=r"(?i)signature|witness"):
+        await alice.receive(later)
+    assert await alice.token_state(later) == "unspent"
+
+    t0 = time.time()
+    token = await alice.send_locked(64, key_b, locktime_s=2, refund_pubkeys=[key_a])
+    (secret,) = locked_secrets(token)
+    refund, (name, locktime), sigflag = secret["tags"]
+    assert refund == ["refund", key_a] and sigflag == ["sigflag", "SIG_INPUTS"]
+    assert name == "locktime" and t0 + 1 <= int(locktime) <= time.time() + 2
+    assert await alice.balance() == 100 - 10 - 64
+
+    await asyncio.sleep(max(0.0, int(locktime) + 1.1 - time.time()))
+    assert await alice.receive(token) == 64  # the refund path
+    assert await alice.token_state(token) == "spent"
+    assert await alice.balance() == 100 - 10
+    with pytest.raises(TokenAlreadySpent):
+        await bob.receive(token)
+
+    assert await bob.receive(later) == 10  # the lock key works, before the locktime too
+    assert (await alice.balance(), await bob.balance()) == (90, 10)
+
+
+async def test_p2pk_tags_for_sig_all_multisig_and_locktimes(
+    mint: MintProcess, user_wallet: UserWalletFactory
+) -> None:
+    alice, bob, carol = [await user_wallet(mint) for _ in range(3)]
+    key_a, key_b, key_c = [await w.lock_pubkey() for w in (alice, bob, carol)]
+    assert len({key_a, key_b, key_c}) == 3
+    await alice.fund(200)
+
+    t0 = time.time()
+    token = await alice.send_locked(
+        64,
+        key_b,
+        sig_all=True,
+        n_sigs=2,
+        extra_pubkeys=[key_c, key_a],
+        refund_pubkeys=[key_a, key_c],
+        locktime_s=600,
+    )
+    (secret,) = locked_secrets(token)
+    assert secret["data"] == key_b
+    pubkeys, refund, (name, locktime), sigflag, n_sigs = secret["tags"]
+    assert pubkeys == ["pubkeys", key_c, key_a]
+    assert refund == ["refund", key_a, key_c]
+    assert name == "locktime" and t0 + 599 <= int(locktime) <= time.time() + 600
+    assert sigflag == ["sigflag", "SIG_ALL"]
+    assert n_sigs == ["n_sigs", "2"]
+    with pytest.raises(Exception, match=r"(?i)signature|witness"):
+        await bob.receive(token)  # one of two signatures (and SIG_ALL)
+
+    sig_all = await alice.send_locked(3, key_b, sig_all=True)  # two proofs
+    assert [s["tags"] for s in locked_secrets(sig_all)] == [[["sigflag", "SIG_ALL"]]] * 2
+    with pytest.raises(Exception, match=r"(?i)signature|witness"):
+        await carol.receive(sig_all)
+    assert await bob.receive(sig_all) == 3  # nutshell signs inputs + outputs as one
+
+    multisig = await alice.send_locked(16, key_b, n_sigs=2, extra_pubkeys=[key_c])
+    (secret,) = locked_secrets(multisig)
+    assert secret["tags"] == [["pubkeys", key_c], ["sigflag", "SIG_INPUTS"], ["n_sigs", "2"]]
+    with pytest.raises(Exception, match=r"(?i)signature"):
+        await bob.receive(multisig)  # bob alone has one of two
+
+    # locktime 0: nutshell's create_p2pk_lock would drop it; here it is "now"
+    open_now = await alice.send_locked(8, key_b, locktime_s=0)
+    (secret,) = locked_secrets(open_now)
+    (name, locktime), sigflag = secret["tags"]
+    assert name == "locktime" and abs(int(locktime) - time.time()) <= 2
+    assert sigflag == ["sigflag", "SIG_INPUTS"]
+    await asyncio.sleep(max(0.0, int(locktime) + 1.1 - time.time()))
+    assert await carol.receive(open_now) == 8  # locktime passed, no refund: anyone
+    assert await alice.balance() == 200 - 64 - 3 - 16 - 8

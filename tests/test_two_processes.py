@@ -24,7 +24,6 @@ import pytest
 import pytest_asyncio
 from nostr_sdk import Keys
 
-from bot.llm.emulator import Emulator, start_emulator
 from mint_client.crypto import hash_to_curve_hex
 from mint_client.protocol import MintAPI
 from mint_client.tokens import parse_token
@@ -49,15 +48,6 @@ SEND_CONCURRENCY = 16
 ANSWER = re.compile(r"^Emulated answer to: question (\d+):")
 RECEIPT = re.compile(r"charged (\d+) sat, mint fee (\d+) sat, change (\d+) sat")
 PAID_LOG = re.compile(r"paid request id=(\S+) transport=nostr")
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def emulator_url() -> AsyncIterator[str]:
-    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
-    try:
-        yield running.url
-    finally:
-        await running.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

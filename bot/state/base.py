@@ -142,6 +142,18 @@ class State(Protocol):
         """Keep a held claim for ``ttl_s`` from now (re-taking it if it lapsed meanwhile)."""
         ...
 
+    async def claim_all(self, keys: Sequence[str], ttl_s: int) -> bool:
+        """Claim every key or none, atomically (e.g. the Ys of a locked token's proofs)."""
+        ...
+
+    async def extend_all(self, keys: Sequence[str], ttl_s: int) -> None:
+        """:meth:`extend` for each key."""
+        ...
+
+    async def release_all(self, keys: Sequence[str]) -> None:
+        """:meth:`release` for each key."""
+        ...
+
     async def take(
         self, bucket: str, *, capacity: int, refill_per_s: float, amount: int = 1
     ) -> TakeResult:

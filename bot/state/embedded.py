@@ -19,7 +19,7 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -198,6 +198,51 @@ class EmbeddedState:
                 "ON CONFLICT(key) DO UPDATE SET expires_at=excluded.expires_at",
                 (key, expires),
             )
+
+        await self._run(tx)
+
+    async def claim_all(self, keys: Sequence[str], ttl_s: int) -> bool:
+        """Claim every key or none, in one transaction."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        now = self._clock()
+        keys = list(keys)
+
+        def tx(db: sqlite3.Connection) -> bool:
+            for key in keys:
+                db.execute("DELETE FROM claims WHERE key=? AND expires_at<=?", (key, now))
+                if db.execute("SELECT 1 FROM claims WHERE key=?", (key,)).fetchone():
+                    return False
+            db.executemany(
+                "INSERT INTO claims(key, expires_at) VALUES(?, ?)",
+                [(k, now + ttl_s) for k in dict.fromkeys(keys)],
+            )
+            return True
+
+        return await self._run(tx)
+
+    async def extend_all(self, keys: Sequence[str], ttl_s: int) -> None:
+        """:meth:`extend` for each key, in one transaction."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        expires = self._clock() + ttl_s
+        keys = list(keys)
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO claims(key, expires_at) VALUES(?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET expires_at=excluded.expires_at",
+                [(k, expires) for k in keys],
+            )
+
+        await self._run(tx)
+
+    async def release_all(self, keys: Sequence[str]) -> None:
+        """:meth:`release` for each key."""
+        keys = list(keys)
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM claims WHERE key=?", [(k,) for k in keys])
 
         await self._run(tx)
 

@@ -70,6 +70,17 @@ _DOWN: tuple[type[BaseException], ...] = (
 )
 
 # KEYS[1] bucket; ARGV capacity, refill_per_s, amount, now. Returns {allowed, tokens, retry}.
+# Claim every key or none: KEYS the claims, ARGV[1] the TTL in seconds.
+_CLAIM_ALL = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
+end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], 1, 'EX', ARGV[1])
+end
+return 1
+"""
+
 _TAKE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -252,6 +263,7 @@ class RedisState:
             socket_connect_timeout=timeout_s,
             health_check_interval=30,
         )
+        self._claim_all = self._redis.register_script(_CLAIM_ALL)
         self._take = self._redis.register_script(_TAKE)
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
@@ -291,6 +303,34 @@ class RedisState:
             raise ValueError("ttl_s must be positive")
         with self._guard():
             await self._redis.set(self._key(f"claim:{key}"), 1, ex=ttl_s)
+
+    async def claim_all(self, keys: Sequence[str], ttl_s: int) -> bool:
+        """Claim every key or none, atomically (one script)."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        if not keys:
+            return True
+        with self._guard():
+            done = await self._claim_all(
+                keys=[self._key(f"claim:{k}") for k in keys], args=[int(ttl_s)]
+            )
+        return bool(done)
+
+    async def extend_all(self, keys: Sequence[str], ttl_s: int) -> None:
+        """:meth:`extend` for each key, in one round trip."""
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        with self._guard():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.set(self._key(f"claim:{k}"), 1, ex=ttl_s)
+                await pipe.execute()
+
+    async def release_all(self, keys: Sequence[str]) -> None:
+        """:meth:`release` for each key."""
+        if keys:
+            with self._guard():
+                await self._redis.delete(*(self._key(f"claim:{k}") for k in keys))
 
     # -- rate limits ---------------------------------------------------------------------
 

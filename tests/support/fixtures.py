@@ -1,4 +1,4 @@
-"""pytest fixtures: session mints (fee 0 and 100 ppk), own mints, user wallets.
+"""pytest fixtures: session mints (fee 0 and 100 ppk), own mints, user wallets, emulators.
 
 Use them with ``from tests.support.fixtures import *`` in a conftest or test module.
 Every mint started here is stopped at teardown, also when a test fails; mints that
@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+import pytest_asyncio
 
+from bot.llm.emulator import Emulator, start_emulator
 from tests.support.mint import MintProcess
 from tests.support.user_wallet import UserWallet
 
 __all__ = [
     "MintFactory",
     "UserWalletFactory",
+    "emulator",
+    "emulator_url",
     "fee_mint",
     "mint",
     "mint_factory",
@@ -118,3 +122,24 @@ async def session_user_wallet(
     """Like ``user_wallet``, but the wallets live (and are closed) with the session."""
     async with _wallets(tmp_path_factory) as factory:
         yield factory
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def emulator() -> AsyncIterator[tuple[Emulator, str]]:
+    """The Gemini emulator at its default pace, shared by the session: (it, its URL)."""
+    emu = Emulator()
+    running = await start_emulator(emu)
+    try:
+        yield emu, running.url
+    finally:
+        await running.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def emulator_url() -> AsyncIterator[str]:
+    """The URL of a Gemini emulator that answers at once (no first-token or chunk delay)."""
+    running = await start_emulator(Emulator(ttft_ms=0, chunk_delay_ms=0))
+    try:
+        yield running.url
+    finally:
+        await running.stop()

@@ -1,7 +1,8 @@
 """The test user's own Cashu wallet: nutshell's ``Wallet``, independent of ``mint_client``.
 
 It plays the customer: funds itself at a FakeWallet mint, sends exact tokens (V4
-``cashuB`` or V3 ``cashuA``), checks their state and receives change. It is slow (a new
+``cashuB`` or V3 ``cashuA``), also P2PK-locked ones (NUT-11, with DLEQ per NUT-12),
+checks their state and receives change. It is slow (a new
 HTTP client per call, ~90 ms CPU per swap) and not safe for concurrent use, so every
 operation of one ``UserWallet`` runs under a lock.
 
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -64,7 +66,7 @@ def nutshell() -> SimpleNamespace:
             os.chdir(empty)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                from cashu.core import base, split
+                from cashu.core import base, secret, split
                 from cashu.core.settings import settings
                 from cashu.wallet import wallet
                 from loguru import logger
@@ -97,6 +99,7 @@ def nutshell() -> SimpleNamespace:
         TokenV4=base.TokenV4,
         ProofSpentState=base.ProofSpentState,
         amount_split=split.amount_split,
+        Tags=secret.Tags,
         settings=settings,
     )
 
@@ -161,6 +164,18 @@ class UserWallet:
         """The active keyset's input fee, as the wallet learned it from ``/v1/keysets``."""
         fee: int = self._wallet.keysets[self._wallet.keyset_id].input_fee_ppk
         return fee
+
+    async def lock_pubkey(self) -> str:
+        """This wallet's own P2PK public key (NUT-11): 33-byte compressed point, hex.
+
+        nutshell derives it (path ``m/129372'/0'/0'/0'``) from the wallet's mnemonic,
+        which is generated per database, so every ``UserWallet`` has its own key.
+        :meth:`receive` signs inputs locked to it (as ``data``, in ``pubkeys`` or in
+        ``refund``).
+        """
+        async with self._lock:
+            pubkey: str = await self._wallet.create_p2pk_pubkey()
+            return pubkey
 
     async def close(self) -> None:
         """Close the wallet's database pool and its last HTTP client."""
@@ -278,6 +293,70 @@ class UserWallet:
                     tokens.append(await self._encode(chunk, version, include_dleq))
         return tokens
 
+    async def send_locked(
+        self,
+        amount_sat: int,
+        pubkey: str,
+        *,
+        locktime_s: int | None = None,
+        refund_pubkeys: Sequence[str] = (),
+        include_dleq: bool = True,
+        sig_all: bool = False,
+        n_sigs: int = 1,
+        extra_pubkeys: Sequence[str] = (),
+        version: Literal[3, 4] = 4,
+    ) -> str:
+        """A token worth exactly ``amount_sat`` whose proofs are P2PK-locked to ``pubkey``.
+
+        The wallet swaps (paying any fee itself) into outputs whose secrets are NUT-11
+        ``["P2PK", {"data": pubkey, "nonce": ..., "tags": [...]}]``, one fresh nonce per
+        proof, made by nutshell's ``create_p2pk_lock``. Tags, in nutshell's order:
+        ``pubkeys`` (``extra_pubkeys``, if any), ``refund`` (if any), ``locktime`` (unix
+        time ``locktime_s`` from now; zero or negative gives a locktime already passed),
+        ``sigflag`` (always, ``SIG_INPUTS`` or ``SIG_ALL``), ``n_sigs`` (only if > 1).
+        """
+        if amount_sat <= 0:
+            raise ValueError("amount must be positive")
+        if n_sigs < 1:
+            raise ValueError("n_sigs must be at least 1")
+        ns = nutshell()
+        tags = ns.Tags()
+        if extra_pubkeys:
+            tags["pubkeys"] = list(extra_pubkeys)
+        if refund_pubkeys:
+            tags["refund"] = list(refund_pubkeys)
+        nutshell_locktime: int | None = None
+        if locktime_s is not None and locktime_s > 0:
+            nutshell_locktime = locktime_s
+        elif locktime_s is not None:  # nutshell ignores 0; same place in the tags
+            tags["locktime"] = str(int(time.time()) + locktime_s)
+        w = self._wallet
+        async with self._lock:
+            secret_lock = await w.create_p2pk_lock(
+                pubkey,
+                locktime_seconds=nutshell_locktime,
+                tags=tags,
+                sig_all=sig_all,
+                n_sigs=n_sigs,
+            )
+            await w.load_proofs(reload=True)
+            available = w.active_proofs(w.proofs)
+            if sum(p.amount for p in available) < amount_sat:
+                raise UserWalletError(
+                    f"balance too low: want {amount_sat}, have {sum(p.amount for p in available)}"
+                )
+            # Always a swap (the outputs carry the lock); include_fees=False: the send
+            # side is exactly amount_sat, the swap fee comes out of the kept change.
+            _, locked = await w.swap_to_send(
+                available, amount_sat, secret_lock=secret_lock, include_fees=False
+            )
+            # nutshell stored the locked proofs as ours: reserve them at once so that no
+            # later send picks them as inputs.
+            await w.set_reserved_for_send(locked, reserved=True)
+            if sum(p.amount for p in locked) != amount_sat:
+                raise UserWalletError(f"could not make exactly {amount_sat} sat")
+            return await self._encode(locked, version, include_dleq)
+
     # --- state and receive --------------------------------------------------------------
 
     async def token_state(self, token: str) -> TokenState:
@@ -300,6 +379,13 @@ class UserWallet:
 
     async def receive(self, token: str) -> int:
         """Swap a token into this wallet; the sats received after the mint's fee.
+
+        P2PK-locked proofs are signed with this wallet's key when it is the lock's
+        ``data``, in its ``pubkeys`` or in its ``refund`` tag (nutshell signs each input
+        for SIG_INPUTS, or the first input over inputs + outputs for SIG_ALL, which needs
+        all inputs' secrets equal but for the nonce); the mint decides whether that is
+        enough: before the locktime only the lock keys count, after it the refund keys
+        too. Proofs not locked to this wallet go unsigned and the mint refuses the swap.
 
         Raises TokenAlreadySpent if the mint says the proofs are spent.
         """
