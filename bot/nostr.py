@@ -4,7 +4,8 @@ It only translates: a DM becomes a :class:`~bot.pipeline.ChatRequest` plus its p
 and the pipeline's answer, receipt and change become DMs, in the scheme the question
 came in. Each DM is handled once across relays, processes and restarts (a persistent
 claim on its id); forged or undecryptable events are dropped; every reply goes through
-a durable outbox so a relay outage can't lose it.
+a durable outbox so a relay outage can't lose it. NIP-61 nutzaps to the bot's advertised
+lock key are taken in as tips (see :mod:`bot.nutzap`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from nostr_sdk import (
     Keys,
     Kind,
     Nip19Profile,
+    Nip44Version,
     NostrSdkError,
     PublicKey,
     RelayOptions,
@@ -40,16 +42,24 @@ from nostr_sdk import (
     Timestamp,
     UnwrappedGift,
     nip17_make_private_msg,
+    nip44_encrypt,
     uniffi_set_event_loop,
 )
 
 from bot.config import Config
 from bot.dm import DMRequest, error_text, parse_dm, price_text, receipt_line, split_message
-from bot.errors import PaymentError, PaymentRequired, RateLimited, RequestTooLarge
+from bot.errors import (
+    PaymentError,
+    PaymentRequired,
+    RateLimited,
+    RequestTooLarge,
+    ServiceUnavailable,
+)
 from bot.llm.gemini import Message
+from bot.nutzap import KIND_NUTZAP, KIND_WALLET_HISTORY, history_content, history_tags, parse_nutzap
 from bot.outbox import Outbox
 from bot.pipeline import Answer, ChatRequest, Pipeline, QuotePayment
-from mint_client.errors import QuoteUsed
+from mint_client.errors import MintError, QuoteUsed
 from mint_client.requests import Transport, decode_payment_request, payload_to_token
 from mint_client.store import InvoiceRecord, PaymentRecord
 from mint_client.tokens import Token
@@ -187,15 +197,14 @@ class NostrTransport:
         notifications = client.notifications()  # before subscribe, so nothing is missed
         since = Timestamp.from_secs(int(time.time()) - self.ncfg.lookback_s)
         me = self.keys.public_key()
-        await client.subscribe(
-            ReqTarget.auto(
-                [
-                    Filter().kind(Kind(KIND_GIFT_WRAP)).pubkey(me).since(since),
-                    Filter().kind(Kind(KIND_DM_NIP04)).pubkey(me).since(since),
-                ]
-            ),
-            id="ecashbot-dms",
-        )
+        filters = [
+            Filter().kind(Kind(KIND_GIFT_WRAP)).pubkey(me).since(since),
+            Filter().kind(Kind(KIND_DM_NIP04)).pubkey(me).since(since),
+        ]
+        if self._nutzap_info() is not None:
+            # we advertise a lock key (kind 10019): nutzaps to us are ours to take in
+            filters.append(Filter().kind(Kind(KIND_NUTZAP)).pubkey(me).since(since))
+        await client.subscribe(ReqTarget.auto(filters), id="ecashbot-dms")
         self._spawn(self._read(notifications))
         self._spawn(self._outbox_loop())
         await self._publish_profile()
@@ -287,6 +296,9 @@ class NostrTransport:
         event_id = event.id().to_hex()
         if self._seen_before(event_id):
             return
+        if event.kind().as_u16() == KIND_NUTZAP:
+            await self._handle_nutzap(event)
+            return
         try:
             dm = await asyncio.to_thread(_unwrap, self.keys, event)
         except Exception as exc:
@@ -320,6 +332,66 @@ class NostrTransport:
                 log.exception("Nostr: state unavailable; DM %s not handled", event_id[:12])
                 return
         await self._handle_dm(dm)
+
+    async def _handle_nutzap(self, event: Event) -> None:
+        """Take a NIP-61 nutzap in as a tip; mark it redeemed (kind 7376).
+
+        Nothing is said to a nutzap the bot can't take (another mint, another key, spent,
+        malformed): its proofs stay with their sender, who sees no "redeemed" mark.
+        """
+        event_id = event.id().to_hex()
+        if not event.verify():
+            log.warning("Nostr: dropped nutzap %s: bad signature", event_id[:12])
+            return
+        sender = event.author().to_hex()
+        try:
+            nutzap = parse_nutzap(
+                event_id,
+                sender,
+                event.content(),
+                [t.to_vec() for t in event.tags()],
+                recipient=self.pubkey,
+            )
+        except PaymentError as exc:
+            log.warning("Nostr: dropped nutzap %s: %s", event_id[:12], exc.message)
+            return
+        claim = f"nostr:{event_id}"
+        try:
+            if not await self.claims.claim(claim, self.ncfg.lookback_s + 86400):
+                return
+        except Exception:
+            log.exception("Nostr: state unavailable; nutzap %s not taken now", event_id[:12])
+            return
+        try:
+            rec = await self.pipeline.take_tip(
+                nutzap.token, tip_id=f"nutzap-{event_id}", reply_to=f"nip17:{sender}"
+            )
+        except PaymentError as exc:
+            log.warning("Nostr: nutzap %s not taken: %s", event_id[:12], exc.message)
+            if exc.token_untouched and isinstance(exc, (MintError, ServiceUnavailable)):
+                # the mint or the state store was down: a restart's look back retries it
+                with contextlib.suppress(Exception):
+                    await self.pipeline.state.release(claim)
+            return
+        log.info(
+            "Nostr: nutzap %s from %s: %d sat taken in",
+            event_id[:12],
+            sender[:12],
+            rec.charged_sat or 0,
+        )
+        content = await asyncio.to_thread(
+            nip44_encrypt,
+            self.keys.secret_key(),
+            self.keys.public_key(),
+            history_content(rec.charged_sat or 0, rec.unit),
+            Nip44Version.V2,
+        )
+        receipt = (
+            EventBuilder(Kind(KIND_WALLET_HISTORY), content)
+            .tags([Tag.parse(t) for t in history_tags(nutzap)])
+            .finalize(self.keys)
+        )
+        await self._publish(receipt, recipient="", carries_change=False)
 
     async def _handle_dm(self, dm: IncomingDM) -> None:
         try:
@@ -434,7 +506,13 @@ class NostrTransport:
             return
         scheme, _, sender = rec.reply_to.partition(":")
         dm = IncomingDM(event_id=rec.id, sender=sender, text="", scheme=scheme)
-        if rec.status == "refunded":
+        if rec.status == "refunded" and rec.transport == "nutzap":
+            await self._reply(
+                dm,
+                "Sorry: your nutzap was interrupted while the bot took it in (the bot "
+                f"restarted). Its {rec.change_sat} sat come back in the next message.",
+            )
+        elif rec.status == "refunded":
             await self._reply(
                 dm,
                 "Sorry: your question was interrupted before it was answered (the bot "

@@ -14,6 +14,7 @@ or a refund token; never an exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -890,6 +891,34 @@ class Pipeline:
         for rec in recs:
             await self.state.extend_all([_y_claim(y) for y in rec.input_ys], LOCKED_CLAIM_TTL_S)
         return len(recs)
+
+    async def take_tip(self, token: Token, *, tip_id: str, reply_to: str | None) -> PaymentRecord:
+        """Take a tip (a NIP-61 nutzap) in as income: one swap, kept whole, no answer.
+
+        Its proofs' Ys are claimed for good first, as a locked payment's are: a proof
+        swapped here can't come back as a locked payment (taken with no mint call), nor
+        one held locked be swapped again as a tip. A :class:`PaymentError` refuses it;
+        unless it says otherwise (``token_untouched``), the sender still holds it.
+        """
+        keys = tuple(_y_claim(p.Y()) for p in token.proofs)
+        try:
+            first = await self.state.claim_all(keys, LOCKED_CLAIM_TTL_S)
+        except StateUnavailable as exc:
+            raise ServiceUnavailable("the bot's state store is down; nothing was taken") from exc
+        if not first:
+            raise TokenSpent("these proofs were already paid to the bot")
+        self._in_flight.add(tip_id)
+        try:
+            rec = await self.wallet.receive(token, "nutzap", payment_id=tip_id, reply_to=reply_to)
+        except PaymentError as exc:
+            if exc.token_untouched:
+                with contextlib.suppress(StateUnavailable):
+                    await self.state.release_all(keys)
+            raise
+        finally:
+            self._in_flight.discard(tip_id)
+        log.info("tip %s: %d sat taken in", tip_id, (rec.charged_sat or 0))
+        return rec
 
     def in_flight(self, request_id: str) -> bool:
         """Whether this process is still answering or settling ``request_id``."""

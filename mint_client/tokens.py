@@ -13,7 +13,7 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -134,6 +134,19 @@ def parse_token(text: str, *, max_len: int = 64_000, max_proofs: int = 256) -> T
     if s.startswith("cashuB"):
         return _parse_v4(_cbor_loads(_b64decode(s[6:], "the token"), "the token"), max_proofs)
     raise MalformedToken("not a Cashu token: it must start with cashuA or cashuB")
+
+
+def token_from_proofs(
+    mint: str, unit: str, proofs_json: Sequence[str], *, max_proofs: int = 256
+) -> Token:
+    """A token from loose NUT-00 proofs, one JSON object each, as a NIP-61 nutzap (kind
+    9321) carries them in its ``proof`` tags; :class:`MalformedToken` if they aren't."""
+    if not proofs_json:
+        raise MalformedToken("no proofs")
+    if len(proofs_json) > max_proofs:
+        raise MalformedToken(f"more than {max_proofs} proofs")
+    proofs = [_proof_from_json(_json_loads(p.encode("utf-8"))) for p in proofs_json]
+    return _token(_mint_url(mint), unit, proofs, None)
 
 
 def _b64decode(data: str, what: str, error: type[MalformedToken] = MalformedToken) -> bytes:

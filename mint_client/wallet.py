@@ -445,14 +445,27 @@ class Wallet:
         )
         return token
 
-    async def receive(self, token: Token, transport: str = "operator") -> PaymentRecord:
-        """Take a token in as the bot's own money: the operator funding the change stock.
+    async def receive(
+        self,
+        token: Token,
+        transport: str = "operator",
+        *,
+        payment_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> PaymentRecord:
+        """Take a token in as the bot's own money: the operator funding the change stock,
+        or a nutzap (a tip).
 
         Redeemed like a payment (one swap into change-friendly proofs) and kept whole, so
-        the audit counts it as income: ``charged = paid - fee``, no change.
+        the audit counts it as income: ``charged = paid - fee``, no change. Proofs locked
+        to the bot's key are signed for. ``payment_id`` (default ``fund-<random>``) makes
+        a second receive of the same thing a :class:`TokenSpent`; should a crash fall
+        between the swap and the books, recovery refunds it to ``reply_to``.
         """
         incoming = await self.inspect(token)
-        payment_id = f"fund-{uuid.uuid4().hex}"
+        payment_id = payment_id or f"fund-{uuid.uuid4().hex}"
+        if await self.store.payment(payment_id) is not None:
+            raise TokenSpent("this was taken in before")
         value = incoming.amount_sat - incoming.fee_sat
         held = [p.amount for p in await self.store.held_proofs(incoming.mint, self.unit)]
         # the stock's missing small proofs first (so concurrent locked payments find
@@ -461,6 +474,7 @@ class Wallet:
             incoming,
             payment_id,
             transport,
+            reply_to,
             amounts=crypto.stock_split(value, held, self.stock_sat),
         )
         await self.settle(payment_id, charged_sat=value, change_sat=0)
