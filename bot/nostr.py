@@ -364,12 +364,18 @@ class NostrTransport:
             return
         try:
             rec = await self.pipeline.take_tip(
-                nutzap.token, tip_id=f"nutzap-{event_id}", reply_to=f"nip17:{sender}"
+                nutzap.token,
+                tip_id=f"nutzap-{event_id}",
+                payer=f"npub:{sender}",
+                reply_to=f"nip17:{sender}",
             )
         except PaymentError as exc:
             log.warning("Nostr: nutzap %s not taken: %s", event_id[:12], exc.message)
-            if exc.token_untouched and isinstance(exc, (MintError, ServiceUnavailable)):
-                # the mint or the state store was down: a restart's look back retries it
+            if exc.token_untouched and isinstance(
+                exc, (MintError, ServiceUnavailable, RateLimited)
+            ):
+                # the mint or the state store was down, or the sender over their rate:
+                # not taken now, not refused for good (a restart's look back retries it)
                 with contextlib.suppress(Exception):
                     await self.pipeline.state.release(claim)
             return

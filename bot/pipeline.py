@@ -892,14 +892,20 @@ class Pipeline:
             await self.state.extend_all([_y_claim(y) for y in rec.input_ys], LOCKED_CLAIM_TTL_S)
         return len(recs)
 
-    async def take_tip(self, token: Token, *, tip_id: str, reply_to: str | None) -> PaymentRecord:
+    async def take_tip(
+        self, token: Token, *, tip_id: str, payer: str, reply_to: str | None
+    ) -> PaymentRecord:
         """Take a tip (a NIP-61 nutzap) in as income: one swap, kept whole, no answer.
 
-        Its proofs' Ys are claimed for good first, as a locked payment's are: a proof
-        swapped here can't come back as a locked payment (taken with no mint call), nor
-        one held locked be swapped again as a tip. A :class:`PaymentError` refuses it;
+        It counts against ``payer``'s request bucket, as a question does: a flood of
+        bogus nutzaps can't turn into a flood of mint calls. Its proofs' Ys are claimed
+        for good first, as a locked payment's are: a proof swapped here can't come back
+        as a locked payment (taken with no mint call), nor one held locked be swapped
+        again as a tip. A :class:`PaymentError` refuses it;
         unless it says otherwise (``token_untouched``), the sender still holds it.
         """
+        rl = self.cfg.rate_limit
+        await self._take(f"req:{payer}", rl.requests_capacity, rl.requests_per_s, 1)
         keys = tuple(_y_claim(p.Y()) for p in token.proofs)
         try:
             first = await self.state.claim_all(keys, LOCKED_CLAIM_TTL_S)

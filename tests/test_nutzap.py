@@ -244,3 +244,50 @@ async def test_a_nutzap_cut_short_by_a_crash_goes_back_to_its_sender_by_dm(
         [change] = [t for t in got if t.startswith("cashu")]
         assert await alice_wallet.receive(change) == 80
         await audit_ok(daemon)
+
+
+@in_session_loop
+async def test_nutzaps_count_against_their_senders_rate_limit(
+    local_relay: LocalRelay,
+    mint: MintProcess,
+    emulator_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of nutzaps can't become a flood of mint calls: one sender, one bucket."""
+    bot_keys = Keys.generate()
+    alice_wallet = await UserWallet.create(mint.url, tmp_path / "alice")
+    await alice_wallet.fund(500)
+    caplog.set_level(logging.WARNING, logger="ecashbot.nostr")
+    relay = local_relay.url
+    cfg = nostr_config(
+        tmp_path / "bot",
+        mint,
+        emulator_url,
+        [relay],
+        bot_keys,
+        rate_limit={"requests_capacity": 1, "requests_per_s": 0.001},
+    )
+    async with nostr_bot(cfg) as daemon, await NostrUser.create([relay]) as alice:
+        key = daemon.pipeline.lock_pubkey
+        assert key is not None
+        me = bot_keys.public_key().to_hex()
+        tokens = [await alice_wallet.send_locked(30, key, version=3) for _ in range(2)]
+        first = nutzap_event(alice.keys, me, mint.url, proofs_json(tokens[0]))
+        await alice.publish_raw(first)
+        await taken(daemon, first)
+        second = nutzap_event(alice.keys, me, mint.url, proofs_json(tokens[1]))
+        await alice.publish_raw(second)
+        short = second.id().to_hex()[:12]
+        for _ in range(100):
+            if any(short in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.1)
+        [line] = [r.getMessage() for r in caplog.records if short in r.getMessage()]
+        assert "too many requests" in line
+        assert await daemon.wallet.store.payment(f"nutzap-{second.id().to_hex()}") is None
+        # not refused for good: its claims are released for a later look back
+        assert await daemon.pipeline.state.claim(f"nostr:{second.id().to_hex()}", 60)
+        await audit_ok(daemon)
+    assert await alice_wallet.token_state(tokens[0]) == "spent"
+    assert await alice_wallet.token_state(tokens[1]) == "unspent"
