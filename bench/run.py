@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ async def timed(name: str) -> AsyncIterator[None]:
         PHASE_TIMES.append((name, time.monotonic() - started))
 
 
-async def fund_stock(bot: BotProc, tokens: Tokens, n: int) -> None:
+async def fund_stock(bot: BotProc, tokens: Tokens, n: int, *, note: bool = True) -> None:
     """The operator funds the bot's stock before it starts: one token of ``FUND_SMALL_SAT``,
     then ``n`` of ``PAID_SAT`` (one per locked payment the run will make).
 
@@ -212,6 +212,8 @@ async def fund_stock(bot: BotProc, tokens: Tokens, n: int) -> None:
         f"stock: the operator funded {total} sat in {n + 1} receives, "
         f"{time.perf_counter() - started:.1f} s; {len(held)} proofs"
     )
+    if not note:
+        return
     LOCKED_NOTES.append(
         f"before the bot started, the operator funded its change stock with {total} sat "
         f"(`Wallet.receive`, as `ecashbot wallet receive` does): one token of "
@@ -546,11 +548,19 @@ async def phase_streams(
 
 
 async def phase_nostr(
-    plan: Plan, emu: Emulator, emu_url: str, mint_url: str, tokens: Tokens, work: Path
-) -> tuple[Row, Row]:
-    """Paid NIP-17 DMs through a relay: DMs answered per second, CPU per DM."""
+    plan: Plan,
+    emu: Emulator,
+    emu_url: str,
+    mint_url: str,
+    tokens: Tokens,
+    swapper: RawSwapper,
+    work: Path,
+) -> tuple[Row, Row, Row, Row]:
+    """Paid NIP-17 DMs through a relay: DMs answered per second, CPU per DM; with ordinary
+    tokens, then with tokens locked to the bot (no mint call per DM)."""
     from nostr_sdk import Keys
 
+    from mint_client.p2pk import LockKey
     from tests.support.nostr_user import DMTimeoutError, NostrUser
     from tests.support.relays import LocalRelay
 
@@ -558,7 +568,8 @@ async def phase_nostr(
     relay = LocalRelay()
     await relay.start()
     keys = Keys.generate()
-    cfg = bot_config(work / "bot-nostr" / "wallet", mint_url, emu_url, 0)
+    wallet_dir = work / "bot-nostr" / "wallet"
+    cfg = bot_config(wallet_dir, mint_url, emu_url, 0)
     cfg["http"] = {"enabled": False}
     cfg["nostr"] = {
         "enabled": True,
@@ -570,15 +581,23 @@ async def phase_nostr(
     }
     apply_overrides(cfg)
     bot = BotProc(work / "bot-nostr", cfg, NOSTR_READY)
+    # the bot's lock key, made now as the bot would at start; its change stock funded
+    # for the locked rounds, as for the HTTP bot
+    wallet_dir.mkdir(parents=True, exist_ok=True)
+    locker = Locker(swapper, LockKey.load_or_create(wallet_dir).pubkey)
+    await fund_stock(bot, tokens, plan.dm_rounds * plan.dms, note=False)
     await bot.start()
-    rates: list[float] = []
-    cpu_ms: list[float] = []
     user = await NostrUser.create([relay.url])
     bot_hex = keys.public_key().to_hex()
-    try:
-        await asyncio.sleep(1)  # let the bot's subscription settle
+
+    async def rounds(
+        kind: str, take: Callable[[int], Awaitable[list[str]]]
+    ) -> tuple[list[float], list[float], list[float]]:
+        rates: list[float] = []
+        cpu_ms: list[float] = []
+        main_ms: list[float] = []
         for rnd in range(plan.dm_rounds):
-            toks = await tokens.take(plan.dms)
+            toks = await take(plan.dms)
             user.drain()
             answers = 0
             changes = 0
@@ -592,9 +611,10 @@ async def phase_nostr(
                 return answers >= plan.dms and changes >= plan.dms
 
             async def send(i: int, r: int = rnd, t: list[str] = toks) -> Any:
-                return await user.send_nip17(bot_hex, f"dm {r}/{i}: what is ecash? {t[i]}")
+                return await user.send_nip17(bot_hex, f"dm {kind} {r}/{i}: what is ecash? {t[i]}")
 
             cpu0 = cpu_seconds(bot.pid)
+            main0, _ = thread_cpu_seconds(bot.pid)
             started = time.perf_counter()
             await bounded(plan.dms, 32, send)
             sent_s = time.perf_counter() - started
@@ -602,19 +622,34 @@ async def phase_nostr(
                 await user.dms_until(done, 60 + plan.dms)
             elapsed = time.perf_counter() - started
             cpu1 = cpu_seconds(bot.pid)
+            main1, _ = thread_cpu_seconds(bot.pid)
             rates.append(answers / elapsed)
             cpu_ms.append((cpu1 - cpu0) * 1000 / max(answers, 1))
+            main_ms.append((main1 - main0) * 1000 / max(answers, 1))
             log(
-                f"nostr round {rnd + 1}: {answers}/{plan.dms} answered, {changes} change DMs, "
-                f"sent in {sent_s:.1f} s, all back in {elapsed:.1f} s: {rates[-1]:.1f} DM/s, "
-                f"bot CPU {cpu_ms[-1]:.1f} ms/DM"
+                f"nostr {kind} round {rnd + 1}: {answers}/{plan.dms} answered, {changes} change "
+                f"DMs, sent in {sent_s:.1f} s, all back in {elapsed:.1f} s: "
+                f"{rates[-1]:.1f} DM/s, bot CPU {cpu_ms[-1]:.1f} ms/DM"
             )
+        return rates, cpu_ms, main_ms
+
+    async def locked_tokens(n: int) -> list[str]:
+        return await locker.lock(await tokens.take(n))
+
+    try:
+        await asyncio.sleep(1)  # let the bot's subscription settle
+        rates, cpu_ms, main_ms = await rounds("plain", tokens.take)
+        locked_rates, locked_cpu, locked_main = await rounds("locked", locked_tokens)
     finally:
         await user.close()
         PROBLEMS.extend(f"nostr bot: {x}" for x in bot.problems())
         RETRIES.extend(bot.grep("retried"))
         await bot.stop()
         await relay.stop()
+    how = (
+        f"{plan.dms} DMs per round from one sender (32 in flight), timed until every answer "
+        "and change DM is back"
+    )
     return (
         Row(
             "Nostr NIP-17 paid DMs answered per second (instant model)",
@@ -624,8 +659,18 @@ async def phase_nostr(
             "≥ 250 DM/s",
             ">=",
             250,
-            note=f"{plan.dms} DMs per round from one sender (32 in flight), timed until every "
-            "answer and change DM is back",
+            note=how,
+        ),
+        Row(
+            "Nostr NIP-17 paid DMs per second, tokens locked to the bot (no mint call per DM)",
+            "DM/s",
+            locked_rates,
+            None,
+            "≥ 250 DM/s",
+            ">=",
+            250,
+            note=f"{how}; the same bot, after the rounds above, its change stock funded "
+            "before it started",
         ),
         Row(
             "Bot CPU per paid NIP-17 DM",
@@ -635,7 +680,27 @@ async def phase_nostr(
             "—",
             "none",
             0,
+            note=_dm_cpu_note(cpu_ms, main_ms),
         ),
+        Row(
+            "Bot CPU per paid NIP-17 DM, token locked to the bot",
+            "ms",
+            locked_cpu,
+            None,
+            "—",
+            "none",
+            0,
+            note=_dm_cpu_note(locked_cpu, locked_main),
+        ),
+    )
+
+
+def _dm_cpu_note(cpu_ms: list[float], main_ms: list[float]) -> str:
+    return (
+        f"per round: (utime+stime after - before) ÷ DMs; of which the event-loop thread "
+        f"median {median(main_ms):.1f} ms, other threads {median(cpu_ms) - median(main_ms):.1f} "
+        "ms (SQLite state, proof store and outbox; the executor threads in which nostr-sdk "
+        "opens each gift wrap and seals the two replies, answer and change)"
     )
 
 
@@ -781,7 +846,7 @@ async def run(plan: Plan, quick: bool, out: Path) -> int:
             await bot.stop()
             bot = None
             async with timed("4. Nostr"):
-                rows += await phase_nostr(plan, emu, running.url, mint.url, tokens, work)
+                rows += await phase_nostr(plan, emu, running.url, mint.url, tokens, swapper, work)
             async with timed("5. profile"):
                 profile = await phase_profile(plan, emu, running.url, mint.url, tokens, work)
             others_end = time.time()
