@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ import nostr_sdk
 import pytest
 from nostr_sdk import LocalRelayBuilder, LocalRelayBuilderNip42, LocalRelayBuilderNip42Mode
 
-from tests.support.mint import _LIVE, _die_with_parent
+from tests.support.child import ChildProcess
 from tests.support.ports import free_port, port_is_listening
 
 __all__ = [
@@ -414,7 +413,7 @@ def ensure_nostr_relay_venv(cache_root: Path | None = None) -> Path:
     return venv
 
 
-class NostrRelayProcess:
+class NostrRelayProcess(ChildProcess):
     """The PyPI relay ``nostr-relay`` (1.14, uvicorn + SQLite) in a subprocess, for tests.
 
     Its database lives in ``data_dir`` and survives :meth:`stop`, :meth:`kill` and
@@ -427,6 +426,12 @@ class NostrRelayProcess:
     would send.
     """
 
+    name = "nostr-relay"
+    log_name = "relay.log"
+    start_error = RelayStartError
+    start_timeout_s = START_TIMEOUT_S
+    stop_timeout_s = STOP_TIMEOUT_S
+
     def __init__(
         self,
         data_dir: Path,
@@ -436,38 +441,15 @@ class NostrRelayProcess:
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
         venv: Path | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        super().__init__(data_dir, port)
         self.auth_required = auth_required
         self.max_event_size = max_event_size
         self._venv = venv
-        self._fixed_port = port is not None
-        self._port = port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    # --- where things are ---------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port (chosen on the first start unless given)."""
-        if self._port is None:
-            raise RuntimeError("relay not started yet: no port chosen")
-        return self._port
 
     @property
     def url(self) -> str:
         """``ws://127.0.0.1:PORT``."""
         return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The relay's process id (also its process group id) while it runs."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the relay process is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def db_path(self) -> Path:
@@ -479,22 +461,10 @@ class NostrRelayProcess:
         """The YAML config written before each start."""
         return self.data_dir / "config.yaml"
 
-    @property
-    def log_path(self) -> Path:
-        """The relay's stdout+stderr, appended across restarts."""
-        return self.data_dir / "relay.log"
+    def _label(self) -> str:
+        return super()._label() + (" auth" if self.auth_required else "")
 
-    def log_tail(self, n_bytes: int = 4000) -> str:
-        """The last bytes of the relay's log, for error messages."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - n_bytes))
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return "(no log)"
-
-    # --- lifecycle ----------------------------------------------------------------------
+    # --- how it runs --------------------------------------------------------------------
 
     def _config(self) -> dict[str, object]:
         urls = [f"ws://127.0.0.1:{self.port}", f"ws://localhost:{self.port}"]
@@ -541,78 +511,33 @@ class NostrRelayProcess:
         )
         return env
 
-    def _spawn(self, venv: Path) -> None:
+    def _argv(self) -> list[str]:
+        assert self._venv is not None
+        nostr_relay = str(self._venv / "bin" / "nostr-relay")
+        return [nostr_relay, "-c", str(self.config_path), "serve", "--use-uvicorn"]
+
+    def _prepare(self) -> None:
         for sub in ("home", "plugins"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         (self.data_dir / "plugins" / "ecashbot_relay_plugin.py").write_text(_RELAY_PLUGIN)
         # JSON is YAML: no YAML writer needed.
         self.config_path.write_text(json.dumps(self._config(), indent=2))
-        self._log = self.log_path.open("ab")
-        self._log.write(f"\n===== start on port {self.port} =====\n".encode())
-        self._log.flush()
-        self._proc = subprocess.Popen(
-            [
-                str(venv / "bin" / "nostr-relay"),
-                "-c",
-                str(self.config_path),
-                "serve",
-                "--use-uvicorn",
-            ],
-            cwd=self.data_dir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: we kill the whole group
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        _LIVE[self._proc.pid] = self._proc
 
     async def start(self) -> None:
-        """Start the relay and wait until it answers a REQ over websocket."""
-        if self.running:
-            raise RuntimeError(f"relay already running on {self.url}")
+        """Build the relay's venv if needed, start it, wait until it answers a REQ."""
         if self._venv is None:
             self._venv = await asyncio.to_thread(ensure_nostr_relay_venv)
-        for attempt in range(3):
-            if self._port is None:
-                self._port = free_port()
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._spawn(self._venv)
-            try:
-                await self._wait_ready(log_offset)
-                return
-            except RelayStartError:
-                port_taken = "address already in use" in self.log_tail().lower()
-                await self.kill()
-                if port_taken and not self._fixed_port and attempt < 2:
-                    self._port = None  # lost the race for a free port: pick another one
-                    continue
-                raise
+        await super().start()
 
-    async def _wait_ready(self, log_offset: int) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        ready_line = f"running on http://127.0.0.1:{self.port}".encode()
+    async def _is_ready(self, new_log: bytes) -> bool:
+        # The log line proves that *our* process listens, not a stranger.
+        if f"running on http://127.0.0.1:{self.port}".encode() not in new_log:
+            return False
         timeout = aiohttp.ClientTimeout(total=2)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                if self._proc.poll() is not None:
-                    raise RelayStartError(
-                        f"nostr-relay exited with {self._proc.returncode} during start:\n"
-                        + self.log_tail()
-                    )
-                # The log line proves that *our* process listens, not a stranger.
-                if ready_line in self._log_since(log_offset):
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                        if await self._answers_req(session):
-                            return
-                if time.monotonic() > deadline:
-                    raise RelayStartError(
-                        f"nostr-relay not ready after {START_TIMEOUT_S} s on {self.url}:\n"
-                        + self.log_tail()
-                    )
-                await asyncio.sleep(0.1)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                return await self._answers_req(session)
+        return False
 
     async def _answers_req(self, session: aiohttp.ClientSession) -> bool:
         """A websocket REQ gets EOSE (or, with AUTH on, at least the AUTH challenge)."""
@@ -625,71 +550,6 @@ class NostrRelayProcess:
                 kind = json.loads(msg.data)[0]
                 if kind in ("EOSE", "AUTH"):
                     return True
-
-    def _log_since(self, offset: int) -> bytes:
-        with self.log_path.open("rb") as f:
-            f.seek(offset)
-            return f.read()
-
-    async def _signal_and_wait(self, sig: signal.Signals, within_s: float) -> bool:
-        """Send sig to the relay's process group; True once the process is reaped."""
-        proc = self._proc
-        assert proc is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + within_s
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
-    def _forget(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            _LIVE.pop(proc.pid, None)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    async def stop(self) -> None:
-        """SIGTERM (uvicorn closes the websockets), SIGKILL after a grace period; reap."""
-        if self._proc is None:
-            return
-        if not await self._signal_and_wait(signal.SIGTERM, STOP_TIMEOUT_S):
-            await self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT_S)
-        self._forget()
-
-    async def kill(self) -> None:
-        """SIGKILL the relay, as a crash would, and reap it."""
-        if self._proc is None:
-            return
-        await self._signal_and_wait(signal.SIGKILL, STOP_TIMEOUT_S)
-        self._forget()
-
-    async def restart(self) -> None:
-        """Stop (if running) and start again: same port, same database."""
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> NostrRelayProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        auth = " auth" if self.auth_required else ""
-        return f"<NostrRelayProcess 127.0.0.1:{self._port or '?'}{auth} {state}>"
 
 
 # --- pytest fixtures ----------------------------------------------------------------------
