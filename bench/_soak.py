@@ -143,6 +143,7 @@ class SoakProc:
         self, work: Path, *, min_s: float, max_s: float, warmup_s: float, rate: float
     ) -> None:
         self.work = work
+        self.min_s = min_s
         self.spec = {
             "work": str(work),
             "out": str(work / "soak.json"),
@@ -175,9 +176,9 @@ class SoakProc:
         """Tell the soak to stop (it keeps going until ``min_s``), wait, read its result."""
         proc = self._proc
         assert proc is not None
-        left = float(self.spec["min_s"]) - (time.monotonic() - self.started)
+        left = self.min_s - (time.monotonic() - self.started)
         if left > 0 and proc.poll() is None:
-            log(f"waiting for the soak to reach {self.spec['min_s']:.0f} s")
+            log(f"waiting for the soak to reach {self.min_s:.0f} s")
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + max(left, 0) + 180

@@ -365,10 +365,10 @@ async def phase_throughput(
         mint_rates.append(n / (time.perf_counter() - started))
         for kind in ("plain", "locked"):
             before = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
-            rate, cpu, loop, replies = await _bot_round(http, bot, bot_url, paid[kind], c)
+            rate, cpu_each, loop, replies = await _bot_round(http, bot, bot_url, paid[kind], c)
             after = _locked_counts(await scrape(http, bot_url, OPERATOR_TOKEN))
             rates[kind].append(rate)
-            cpu_ms[kind].append(cpu)
+            cpu_ms[kind].append(cpu_each)
             loop_ms[kind].append(loop)
             latencies[kind] += [r.total_s * 1000 for r in replies]
             change_bytes[kind] += [r.change_bytes for r in replies]
