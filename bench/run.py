@@ -633,13 +633,12 @@ async def phase_nostr(
             )
         return rates, cpu_ms, main_ms
 
-    async def locked_tokens(n: int) -> list[str]:
-        return await locker.lock(await tokens.take(n))
-
     try:
         await asyncio.sleep(1)  # let the bot's subscription settle
         rates, cpu_ms, main_ms = await rounds("plain", tokens.take)
-        locked_rates, locked_cpu, locked_main = await rounds("locked", locked_tokens)
+        locked_rates, locked_cpu, locked_main = await rounds(
+            "locked", LockedTokens(tokens, locker).take
+        )
     finally:
         await user.close()
         PROBLEMS.extend(f"nostr bot: {x}" for x in bot.problems())

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -83,6 +84,10 @@ class Claims(Protocol):
 
     async def claim(self, key: str, ttl_s: int) -> bool:
         """True for the first claimer of ``key`` until ``ttl_s`` passes."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """Give ``key`` up: its next claimer wins."""
         ...
 
 
@@ -201,13 +206,14 @@ class NostrTransport:
             Filter().kind(Kind(KIND_GIFT_WRAP)).pubkey(me).since(since),
             Filter().kind(Kind(KIND_DM_NIP04)).pubkey(me).since(since),
         ]
-        if self._nutzap_info() is not None:
+        nutzap_info = self._nutzap_info()
+        if nutzap_info is not None:
             # we advertise a lock key (kind 10019): nutzaps to us are ours to take in
             filters.append(Filter().kind(Kind(KIND_NUTZAP)).pubkey(me).since(since))
         await client.subscribe(ReqTarget.auto(filters), id="ecashbot-dms")
         self._spawn(self._read(notifications))
         self._spawn(self._outbox_loop())
-        await self._publish_profile()
+        await self._publish_profile(nutzap_info)
         log.info("Nostr: listening as %s on %s", self.npub, ", ".join(self.ncfg.relays))
 
     async def stop(self) -> None:
@@ -234,7 +240,7 @@ class NostrTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _publish_profile(self) -> None:
+    async def _publish_profile(self, nutzap_info: Event | None) -> None:
         about = self._prices()
         profile = EventBuilder(
             Kind(0), json.dumps({"name": self.ncfg.name, "about": about, "bot": True})
@@ -245,7 +251,6 @@ class NostrTransport:
             .finalize(self.keys)
         )
         events = [profile, relays]
-        nutzap_info = self._nutzap_info()
         if nutzap_info is not None:
             events.append(nutzap_info)
         for ev in events:
@@ -365,7 +370,8 @@ class NostrTransport:
         try:
             rec = await self.pipeline.take_tip(
                 nutzap.token,
-                tip_id=f"nutzap-{event_id}",
+                # one journal entry per attempt: one the mint failed stays as "failed"
+                tip_id=f"nutzap-{event_id}-{uuid.uuid4().hex[:8]}",
                 payer=f"npub:{sender}",
                 reply_to=f"nip17:{sender}",
             )
@@ -377,7 +383,7 @@ class NostrTransport:
                 # the mint or the state store was down, or the sender over their rate:
                 # not taken now, not refused for good (a restart's look back retries it)
                 with contextlib.suppress(Exception):
-                    await self.pipeline.state.release(claim)
+                    await self.claims.release(claim)
             return
         log.info(
             "Nostr: nutzap %s from %s: %d sat taken in",

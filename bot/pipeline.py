@@ -901,8 +901,8 @@ class Pipeline:
         bogus nutzaps can't turn into a flood of mint calls. Its proofs' Ys are claimed
         for good first, as a locked payment's are: a proof swapped here can't come back
         as a locked payment (taken with no mint call), nor one held locked be swapped
-        again as a tip. A :class:`PaymentError` refuses it;
-        unless it says otherwise (``token_untouched``), the sender still holds it.
+        again as a tip. A :class:`PaymentError` refuses it; unless it says otherwise
+        (``token_untouched``), the sender still holds it.
         """
         rl = self.cfg.rate_limit
         await self._take(f"req:{payer}", rl.requests_capacity, rl.requests_per_s, 1)

@@ -458,14 +458,13 @@ class Wallet:
 
         Redeemed like a payment (one swap into change-friendly proofs) and kept whole, so
         the audit counts it as income: ``charged = paid - fee``, no change. Proofs locked
-        to the bot's key are signed for. ``payment_id`` (default ``fund-<random>``) makes
-        a second receive of the same thing a :class:`TokenSpent`; should a crash fall
-        between the swap and the books, recovery refunds it to ``reply_to``.
+        to the bot's key are signed for. ``payment_id`` (default ``fund-<random>``) names
+        the journal entry, new for each attempt (a failed one stays journalled as such);
+        should a crash fall between the swap and the books, recovery refunds it to
+        ``reply_to``.
         """
         incoming = await self.inspect(token)
         payment_id = payment_id or f"fund-{uuid.uuid4().hex}"
-        if await self.store.payment(payment_id) is not None:
-            raise TokenSpent("this was taken in before")
         value = incoming.amount_sat - incoming.fee_sat
         held = [p.amount for p in await self.store.held_proofs(incoming.mint, self.unit)]
         # the stock's missing small proofs first (so concurrent locked payments find

@@ -58,16 +58,42 @@ def nutzap_event(
     return EventBuilder(Kind(9321), comment).tags([Tag.parse(t) for t in tags]).finalize(keys)
 
 
+ALL_STATUSES = ("redeeming", "redeemed", "settled", "refunded", "failed")
+
+
+async def journalled(daemon: Daemon, event: Event) -> list[PaymentRecord]:
+    """Every journal entry of the bot's attempts to take in the nutzap ``event``."""
+    prefix = f"nutzap-{event.id().to_hex()}-"
+    recs = await daemon.wallet.store.payments_in(*ALL_STATUSES)
+    return [r for r in recs if r.id.startswith(prefix)]
+
+
 async def taken(daemon: Daemon, event: Event, timeout_s: float = 20) -> PaymentRecord:
-    """The tip the bot booked for ``event``, once settled."""
+    """The tip the bot booked for ``event``, once settled (there is one, at most)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while loop.time() < deadline:
-        rec = await daemon.wallet.store.payment(f"nutzap-{event.id().to_hex()}")
-        if rec is not None and rec.status == "settled":
-            return rec
+        settled = [r for r in await journalled(daemon, event) if r.status == "settled"]
+        assert len(settled) <= 1, settled
+        if settled:
+            return settled[0]
         await asyncio.sleep(0.1)
     raise AssertionError(f"nutzap {event.id().to_hex()[:12]} was not taken in")
+
+
+async def log_lines(
+    caplog: pytest.LogCaptureFixture, *needles: str, timeout_s: float = 20
+) -> list[str]:
+    """The captured log messages naming any of ``needles``, once each needle is named."""
+    found: list[str] = []
+    for _ in range(int(timeout_s * 10)):
+        found = [
+            m for m in (r.getMessage() for r in caplog.records) if any(n in m for n in needles)
+        ]
+        if all(any(n in m for m in found) for n in needles):
+            return found
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not logged: {needles}; got {[r.getMessage() for r in caplog.records]}")
 
 
 def test_a_nutzap_names_the_bot_one_mint_and_proofs() -> None:
@@ -143,7 +169,7 @@ async def test_a_nutzap_is_taken_in_marked_redeemed_and_never_taken_twice(
             status, _, body = await ask(daemon.http_url or "", "a question", via(token, proxy.url))
             assert status == 400 and body["error"]["code"] == "token_spent", body
             await asyncio.sleep(2)
-            assert await daemon.wallet.store.payment(f"nutzap-{again.id().to_hex()}") is None
+            assert await journalled(daemon, again) == []
             assert (await daemon.wallet.store.balances("locked")) == {}
             await audit_ok(daemon)
 
@@ -191,18 +217,9 @@ async def test_nutzaps_the_bot_cannot_take_stay_with_their_sender(
             }
             for zap in zaps.values():
                 await alice.publish_raw(zap)
-            ids = {z.id().to_hex()[:12] for z in zaps.values()}
-
-            def refused() -> set[str]:
-                return {i for i in ids for r in caplog.records if i in r.getMessage()}
-
-            for _ in range(200):
-                if refused() == ids:
-                    break
-                await asyncio.sleep(0.1)
-            assert refused() == ids, [r.getMessage() for r in caplog.records]
+            await log_lines(caplog, *(z.id().to_hex()[:12] for z in zaps.values()))
             for zap in zaps.values():
-                assert await daemon.wallet.store.payment(f"nutzap-{zap.id().to_hex()}") is None
+                assert await journalled(daemon, zap) == []
             await audit_ok(daemon)
     finally:
         await runner.cleanup()
@@ -278,16 +295,55 @@ async def test_nutzaps_count_against_their_senders_rate_limit(
         await taken(daemon, first)
         second = nutzap_event(alice.keys, me, mint.url, proofs_json(tokens[1]))
         await alice.publish_raw(second)
-        short = second.id().to_hex()[:12]
-        for _ in range(100):
-            if any(short in r.getMessage() for r in caplog.records):
-                break
-            await asyncio.sleep(0.1)
-        [line] = [r.getMessage() for r in caplog.records if short in r.getMessage()]
+        [line] = await log_lines(caplog, second.id().to_hex()[:12], timeout_s=10)
         assert "too many requests" in line
-        assert await daemon.wallet.store.payment(f"nutzap-{second.id().to_hex()}") is None
+        assert await journalled(daemon, second) == []
         # not refused for good: its claims are released for a later look back
         assert await daemon.pipeline.state.claim(f"nostr:{second.id().to_hex()}", 60)
         await audit_ok(daemon)
     assert await alice_wallet.token_state(tokens[0]) == "spent"
     assert await alice_wallet.token_state(tokens[1]) == "unspent"
+
+
+@in_session_loop
+async def test_a_nutzap_the_mint_could_not_take_is_taken_after_a_restart(
+    local_relay: LocalRelay,
+    mint: MintProcess,
+    emulator_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mint down while a nutzap comes in: not refused for good; the restarted bot's
+    look-back takes it in (once)."""
+    bot_keys = Keys.generate()
+    alice_wallet = await UserWallet.create(mint.url, tmp_path / "alice")
+    await alice_wallet.fund(500)
+    caplog.set_level(logging.WARNING, logger="ecashbot.nostr")
+    mint_down = True
+
+    async def swaps_fail(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        if mint_down and request.path == "/v1/swap":
+            return web.json_response({"detail": "down for a moment"}, status=503)
+        return None
+
+    relay = local_relay.url
+    async with MintProxy(mint.url, before=swaps_fail) as proxy:
+        cfg = nostr_config(tmp_path / "bot", mint, emulator_url, [relay], bot_keys)
+        cfg = cfg.model_copy(update={"mints": [proxy.url]})
+        async with nostr_bot(cfg) as daemon, await NostrUser.create([relay]) as alice:
+            key = daemon.pipeline.lock_pubkey
+            assert key is not None
+            token = await alice_wallet.send_locked(70, key, version=3)
+            me = bot_keys.public_key().to_hex()
+            zap = nutzap_event(alice.keys, me, proxy.url, proofs_json(token))
+            await alice.publish_raw(zap)
+            await log_lines(caplog, f"nutzap {zap.id().to_hex()[:12]} not taken", timeout_s=30)
+        assert await alice_wallet.token_state(token) == "unspent"
+        mint_down = False
+        async with nostr_bot(cfg) as daemon:
+            rec = await taken(daemon, zap)
+            assert (rec.paid_sat, rec.charged_sat, rec.change_sat) == (70, 70, 0)
+            statuses = sorted(r.status for r in await journalled(daemon, zap))
+            assert statuses == ["failed", "settled"], statuses
+            await audit_ok(daemon)
+    assert await alice_wallet.token_state(token) == "spent"
